@@ -1,0 +1,596 @@
+"""Reading and writing CT volumes: DICOM series (pydicom) and image files (SimpleITK).
+
+Every volume is a :class:`CTVolume`: float32 Hounsfield units shaped (z, y, x) plus SimpleITK-style
+geometry (spacing, origin and direction in mm, LPS patient coordinates, all in (x, y, z) order).
+Bad inputs raise :class:`~LTDiffPPLib.errors.InputError`, problems with an output path raise
+:class:`~LTDiffPPLib.errors.OutputError`; both name the file or folder. Every write goes through
+:func:`atomic_output`, so a failed write leaves neither a partial output nor a damaged old one.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import os
+import secrets
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from .errors import InputError, OutputError
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "CTVolume", "DicomSeriesInfo", "atomic_output", "check_output_path", "from_sitk", "is_image_path",
+    "list_dicom_series", "read_dicom_series", "read_image", "read_volume", "to_sitk", "write_dicom_series",
+    "write_image", "write_volume",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+_COMPRESSED_EXTENSIONS = (".nrrd", ".nhdr", ".nii.gz", ".mha", ".mhd")
+_DETACHED_HEADER_EXTENSIONS = (".nhdr", ".mhd")  # header + separate data file
+_INT16_MIN, _INT16_MAX = -32768, 32767
+_PYDICOM_MAJOR = int(pydicom.__version__.split(".")[0])
+# Patient/study/equipment attributes copied from the source header into a written series.
+_CARRIED_TAGS = (
+    "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+    "PatientSize", "PatientWeight", "PatientIdentityRemoved", "DeidentificationMethod", "StudyInstanceUID",
+    "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "StudyDescription", "ReferringPhysicianName",
+    "InstitutionName", "Manufacturer", "ManufacturerModelName", "BodyPartExamined", "PatientPosition",
+    "PositionReferenceIndicator", "ContrastBolusAgent", "KVP", "AcquisitionDate", "AcquisitionTime",
+)
+_TYPE2_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+               "AccessionNumber", "ReferringPhysicianName", "Manufacturer", "KVP", "PositionReferenceIndicator",
+               "AcquisitionNumber")
+
+
+@dataclass
+class CTVolume:
+    """A CT volume in Hounsfield units with its patient-space geometry.
+
+    ``hu`` is float32 shaped (z, y, x); ``spacing`` (mm), ``origin`` (mm, LPS, centre of the first voxel)
+    and ``direction`` (9 floats, row-major, column j = direction of axis j) follow SimpleITK's (x, y, z)
+    order. ``dicom_header`` is the first slice's header (without pixel data) when read from DICOM.
+    """
+
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    dicom_header: Dataset | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.hu = np.asarray(self.hu, dtype=np.float32)
+        if self.hu.ndim != 3:
+            raise InputError(f"{self.source or 'volume'}: voxels must be shaped (z, y, x), got {self.hu.shape}")
+        self.spacing = tuple(float(v) for v in self.spacing)
+        self.origin = tuple(float(v) for v in self.origin)
+        self.direction = tuple(float(v) for v in self.direction)
+        if len(self.spacing) != 3 or len(self.origin) != 3 or len(self.direction) != 9:
+            raise InputError(f"{self.source or 'volume'}: spacing/origin need 3 values and direction 9")
+
+    def with_hu(self, hu: np.ndarray) -> CTVolume:
+        """The same geometry and header with new voxels (HU, same (z, y, x) shape, made float32)."""
+        hu = np.asarray(hu)
+        if hu.shape != self.hu.shape:
+            raise InputError(f"{self.source or 'volume'}: new voxels are shaped {hu.shape}, expected {self.hu.shape}")
+        return replace(self, hu=hu)
+
+
+@dataclass
+class DicomSeriesInfo:
+    """One DICOM series found in a folder (``kernel`` is ConvolutionKernel, values joined by '\\')."""
+
+    series_uid: str
+    n_files: int
+    modality: str
+    description: str
+    kernel: str
+    rows: int
+    cols: int
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _image_ext(path: str | os.PathLike) -> str | None:
+    name = Path(path).name.lower()
+    return next((e for e in sorted(IMAGE_EXTENSIONS, key=len, reverse=True) if name.endswith(e)), None)
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """True when ``path`` names an image file by extension; any other output path is a DICOM folder."""
+    return _image_ext(path) is not None
+
+
+def _one_line(exc: BaseException) -> str:
+    """SimpleITK's multi-line exception text reduced to its reason."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    reason = next((ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln), lines[-1] if lines else "")
+    return reason or type(exc).__name__
+
+
+def _text(value: object) -> str:
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _ds(value: float) -> str:
+    """A number as a DICOM decimal string (at most 16 characters)."""
+    return format_number_as_ds(float(round(value, 6)) + 0.0)
+
+
+# ------------------------------------------------------------------------------------ DICOM read
+def _scan_folder(folder: str | os.PathLike) -> dict[str, list[tuple[Path, Dataset]]]:
+    """Headers of the DICOM image files directly inside ``folder``, grouped by SeriesInstanceUID."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise InputError(f"DICOM folder {folder} {what}; pass the folder that holds the series' files.")
+    series: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.name.upper() == "DICOMDIR" or not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:  # anything pydicom cannot parse is not a DICOM file: skip it
+            log.debug("skipping %s: %s", path, exc)
+            continue
+        if "Rows" not in ds:  # not an image (SR, presentation state, ...)
+            continue
+        series.setdefault(_text(ds.get("SeriesInstanceUID")), []).append((path, ds))
+    if not series:
+        raise InputError(f"No DICOM image files found in folder {folder} (subfolders are not searched); "
+                         "pass the folder that directly contains the series' files.")
+    return series
+
+
+def _describe(uid: str, files: list[tuple[Path, Dataset]]) -> DicomSeriesInfo:
+    ds = files[0][1]
+    return DicomSeriesInfo(uid, len(files), _text(ds.get("Modality")), _text(ds.get("SeriesDescription")),
+                           _text(ds.get("ConvolutionKernel")), int(ds.Rows), int(ds.Columns))
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeriesInfo]:
+    """The DICOM series directly inside ``folder`` (not recursive), largest first."""
+    infos = [_describe(uid, files) for uid, files in _scan_folder(folder).items()]
+    return sorted(infos, key=lambda s: (-s.n_files, s.series_uid))
+
+
+def _series_table(infos: list[DicomSeriesInfo]) -> str:
+    return "\n".join(f"  {s.series_uid or '(empty UID)'}: {s.n_files} files, {s.modality or '?'}, "
+                     f"'{s.description}', kernel '{s.kernel}'" for s in infos)
+
+
+def _select_series(folder: Path, series_uid: str | None) -> list[tuple[Path, Dataset]]:
+    series = _scan_folder(folder)
+    infos = sorted((_describe(u, f) for u, f in series.items()), key=lambda s: (-s.n_files, s.series_uid))
+    if series_uid is None:
+        if len(series) > 1:
+            raise InputError(f"Folder {folder} holds {len(series)} DICOM series; pass the series UID of the one "
+                             f"to read (series_uid / --series-uid):\n{_series_table(infos)}")
+        return next(iter(series.values()))
+    if series_uid not in series:
+        raise InputError(f"Folder {folder} has no series with UID {series_uid}; available:\n{_series_table(infos)}")
+    return series[series_uid]
+
+
+def _check_ct(folder: Path, files: list[tuple[Path, Dataset]]) -> None:
+    """A CT series (missing Modality: warn) of single-frame files."""
+    for path, ds in files:
+        if int(ds.get("NumberOfFrames") or 1) > 1:
+            raise InputError(f"{path} is a multi-frame (enhanced) DICOM file; only series with one slice per "
+                             "file are supported.")
+    modalities = {_text(ds.get("Modality")) for _, ds in files}
+    if modalities - {"CT", ""}:
+        raise InputError(f"Series in {folder} has modality {', '.join(sorted(modalities - {''}))}, not CT; "
+                         "LTDiffPP only standardizes CT images.")
+    if "" in modalities:
+        warnings.warn(f"Series in {folder}: Modality missing in some files; assuming CT.", stacklevel=3)
+
+
+def _tol(distance: float) -> float:
+    """Geometric tolerance in mm: 1 % of a distance, at least 0.01 mm."""
+    return max(0.01, 0.01 * abs(distance))
+
+
+def _sorted_geometry(files: list[tuple[Path, Dataset]]) -> tuple[list[tuple[Path, Dataset]], np.ndarray, float]:
+    """Sort slices along the slice normal and check that they form one regular, untilted stack.
+
+    Returns the sorted files, the 3x3 direction matrix (columns: row cosine, column cosine, normal)
+    and the slice step in mm (SliceThickness, else 1.0, for a single slice).
+    """
+    first_path, first = files[0]
+    for path, ds in files:
+        if len(ds.get("ImageOrientationPatient") or ()) != 6 or len(ds.get("ImagePositionPatient") or ()) != 3 \
+                or len(ds.get("PixelSpacing") or ()) != 2:
+            raise InputError(f"{path} lacks ImagePositionPatient, ImageOrientationPatient or PixelSpacing, so the "
+                             "slice cannot be placed in space; export the series again with full geometry.")
+        if not np.allclose(np.array(ds.ImageOrientationPatient, float), first.ImageOrientationPatient, atol=1e-4):
+            raise InputError(f"{path} and {first_path} have different ImageOrientationPatient; the folder mixes "
+                             "differently oriented slices (use a folder with one consistent series).")
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns) or \
+                not np.allclose(np.array(ds.PixelSpacing, float), first.PixelSpacing, rtol=1e-4):
+            raise InputError(f"{path} and {first_path} differ in Rows/Columns/PixelSpacing; all slices of a series "
+                             "must have the same size and pixel spacing.")
+    iop = np.array(first.ImageOrientationPatient, dtype=float)
+    row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+    if abs(row @ col) > 1e-3:
+        raise InputError(f"{first_path}: ImageOrientationPatient row and column directions are not orthogonal.")
+    normal = np.cross(row, col)
+    positions = np.array([ds.ImagePositionPatient for _, ds in files], dtype=float)
+    order = np.argsort(positions @ normal, kind="stable")
+    files, positions = [files[i] for i in order], positions[order]
+    keys = positions @ normal
+    steps = np.diff(keys)
+    for k in np.flatnonzero(steps < 1e-3):
+        raise InputError(f"{files[k][0]} and {files[k + 1][0]} are at the same slice position ({keys[k]:.3f} mm); "
+                         "remove duplicate slices or pass the series UID of one series.")
+    median = float(np.median(steps)) if len(steps) else 0.0
+    for k in np.flatnonzero(np.abs(steps - median) > _tol(median)):
+        raise InputError(f"Irregular slice spacing in {files[0][0].parent}: {steps[k]:.3f} mm between "
+                         f"{files[k][0].name} and {files[k + 1][0].name} where the series steps {median:.3f} mm; "
+                         "slices are missing (or the series is incomplete). Export the complete series.")
+    offsets = positions - positions[0]
+    lateral = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    if any(lat > _tol(along) for lat, along in zip(lateral, offsets @ normal)):
+        raise InputError(f"Series in {files[0][0].parent} was acquired with gantry tilt (slices are not stacked "
+                         "along their normal); resample it to an untilted grid first.")
+    step = (keys[-1] - keys[0]) / (len(files) - 1) if len(files) > 1 else float(first.get("SliceThickness") or 1.0)
+    return files, np.column_stack([row, col, normal]), float(step)
+
+
+def _slice_hu(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """One slice in HU, shaped (y, x), and whether RescaleSlope/Intercept were present."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read DICOM file ({exc}).") from exc
+    if "PixelData" not in ds:
+        raise InputError(f"{path} has no pixel data; the file is incomplete, export the series again.")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise InputError(f"{path} is a colour image (SamplesPerPixel {ds.SamplesPerPixel}); CT slices must be "
+                         "greyscale.")
+    has_rescale = "RescaleSlope" in ds and "RescaleIntercept" in ds
+    try:
+        raw = ds.pixel_array
+        hu = raw.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    except Exception as exc:
+        if not ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian).is_compressed:
+            raise InputError(f"{path}: invalid pixel data ({exc}).") from exc
+        hu = _slice_hu_gdcm(path, exc)  # compressed syntax pydicom has no decoder for: SimpleITK's GDCM
+    if hu.shape != shape:
+        raise InputError(f"{path}: pixel data is shaped {hu.shape}, but Rows/Columns say {shape}.")
+    return hu.astype(np.float32), has_rescale
+
+
+def _slice_hu_gdcm(path: Path, pydicom_error: Exception) -> np.ndarray:
+    """Decode one compressed slice with SimpleITK's GDCM (which applies the rescale itself)."""
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        return sitk.GetArrayFromImage(reader.Execute())[0].astype(np.float64)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: cannot decode compressed pixel data ({pydicom_error}; GDCM: {_one_line(exc)}); "
+                         "decompress the series first (e.g. gdcmconv --raw).") from exc
+
+
+def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
+    """Read one CT series from the files directly inside ``folder`` into HU, shaped (z, y, x).
+
+    Slices are ordered by position along the slice normal; the folder may hold other files (skipped)
+    and several series (then ``series_uid`` picks one). Raises :class:`InputError` for anything that
+    does not make a regular, untilted CT volume.
+    """
+    folder = Path(folder)
+    files = _select_series(folder, series_uid)
+    _check_ct(folder, files)
+    files, direction, step = _sorted_geometry(files)
+    row_spacing, col_spacing = (float(v) for v in files[0][1].PixelSpacing)
+    shape = (int(files[0][1].Rows), int(files[0][1].Columns))
+    hu = np.empty((len(files), *shape), dtype=np.float32)
+    missing_rescale = 0
+    for k, (path, _) in enumerate(files):
+        hu[k], has_rescale = _slice_hu(path, shape)
+        missing_rescale += not has_rescale
+    if missing_rescale:
+        warnings.warn(f"Series in {folder}: RescaleSlope/RescaleIntercept missing in {missing_rescale} files; "
+                      "assuming 1/0 (stored values taken as HU).", stacklevel=2)
+    return CTVolume(hu=hu, spacing=(col_spacing, row_spacing, step),
+                    origin=tuple(float(v) for v in files[0][1].ImagePositionPatient),
+                    direction=tuple(direction.ravel()),
+                    dicom_header=copy.deepcopy(files[0][1]), source=str(folder))
+
+
+# ------------------------------------------------------------------------------------ image files
+def from_sitk(image: sitk.Image, source: str = "") -> CTVolume:
+    """A SimpleITK image (2-D or 3-D, scalar) as a float32 HU volume; a 2-D image becomes z = 1 (1 mm)."""
+    name = source or "image"
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per pixel (vector/RGB); "
+                         "a CT image must have one value (HU) per voxel.")
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise InputError(f"{name} is {dim}-D; only 2-D slices and 3-D volumes are supported.")
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+    if dim == 2:
+        hu, spacing, origin = hu[None], (*spacing, 1.0), (*origin, 0.0)
+        direction = (direction[0], direction[1], 0.0, direction[2], direction[3], 0.0, 0.0, 0.0, 1.0)
+    if not np.isfinite(hu).all():
+        raise InputError(f"{name} contains NaN or infinite voxels; a CT image must be finite HU everywhere.")
+    return CTVolume(hu=hu, spacing=spacing, origin=origin, direction=direction, source=source)
+
+
+def to_sitk(volume: CTVolume) -> sitk.Image:
+    """The volume as a float32 SimpleITK image with the same geometry."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.hu, dtype=np.float32))
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(volume.direction)
+    return image
+
+
+def read_image(path: str | os.PathLike) -> CTVolume:
+    """Read an image file (.nrrd .nhdr .nii .nii.gz .mha .mhd) as float32 HU, shaped (z, y, x)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Image file {path} {'is a folder' if path.is_dir() else 'does not exist'}.")
+    if _image_ext(path) is None:
+        raise InputError(f"{path}: unsupported image format; use one of {', '.join(IMAGE_EXTENSIONS)} "
+                         "or a DICOM folder.")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"Cannot read image {path}: {_one_line(exc)}") from exc
+    return from_sitk(image, source=str(path))
+
+
+def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
+    """Read a DICOM folder (:func:`read_dicom_series`) or an image file (:func:`read_image`)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_dicom_series(path, series_uid)
+    if path.is_file() and (path.suffix.lower() in (".dcm", ".dicom") or pydicom.misc.is_dicom(path)):
+        raise InputError(f"{path} is a single DICOM file; pass the folder that holds the series ({path.parent}).")
+    if series_uid is not None and path.exists():
+        raise InputError(f"{path}: a series UID only applies to DICOM folders, not to image files.")
+    return read_image(path)
+
+
+# ----------------------------------------------------------------------------------------- output
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def check_output_path(final_path: str | os.PathLike, *, overwrite: bool = False, is_dir: bool = False) -> Path:
+    """Raise :class:`OutputError` unless ``final_path`` can be written (call it before long work).
+
+    Refuses an existing output without ``overwrite``, replacing a file by a folder or the reverse,
+    and a missing or read-only parent folder.
+    """
+    final = Path(final_path)
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{final} already exists; pass overwrite=True (--overwrite) or choose another path.")
+        if final.is_dir() != is_dir:
+            raise OutputError(f"{final} exists and is {'not ' if is_dir else ''}a folder; refusing to replace it.")
+    if not final.parent.is_dir():
+        raise OutputError(f"Cannot write {final}: folder {final.parent} does not exist.")
+    if not os.access(final.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"Cannot write {final}: folder {final.parent} is not writable.")
+    return final
+
+
+@contextmanager
+def atomic_output(final_path: str | os.PathLike, *, overwrite: bool = False, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``final_path``; move it into place when the block succeeds.
+
+    The temporary is ``.{name}.tmp-{random}`` (a file's keeps its extension at the end, so writers that
+    choose a format by extension still work); with ``is_dir`` it is created as an empty folder. An
+    exception in the block removes it and leaves any existing output untouched. An existing output
+    without ``overwrite``, or a missing or read-only parent folder, raise :class:`OutputError` up front.
+    An existing folder is replaced by renaming it aside, moving the new one in, then deleting the old.
+    """
+    final = check_output_path(final_path, overwrite=overwrite, is_dir=is_dir)
+    parent = final.parent
+    token = secrets.token_hex(4)
+    tmp = parent / f".{final.name}.tmp-{token}{'' if is_dir else (_image_ext(final) or final.suffix)}"
+    try:
+        if is_dir:
+            tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"Cannot write {final}: {exc}") from exc
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    try:
+        if not overwrite and (final.exists() or final.is_symlink()):
+            raise OutputError(f"{final} appeared while it was being written; not replacing it.")
+        if is_dir and final.exists():
+            aside = parent / f".{final.name}.old-{token}"
+            os.replace(final, aside)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                os.replace(aside, final)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError as exc:
+        _remove(tmp)
+        raise OutputError(f"Cannot write {final}: {exc}") from exc
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_image(volume: CTVolume, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the volume as a float32 HU image file, format by extension, geometry exact; returns the path.
+
+    ``.nhdr``/``.mhd`` also write their data file beside the header (``.raw.gz``/``.zraw``).
+    """
+    path = Path(path)
+    ext = _image_ext(path)
+    if ext is None:
+        raise OutputError(f"{path}: unknown image extension; use one of {', '.join(IMAGE_EXTENSIONS)}.")
+    image = to_sitk(volume)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        try:
+            if ext in _DETACHED_HEADER_EXTENSIONS:
+                _write_detached(image, path, tmp, overwrite)
+            else:
+                sitk.WriteImage(image, str(tmp), useCompression=ext in _COMPRESSED_EXTENSIONS)
+        except (RuntimeError, OSError) as exc:
+            raise OutputError(f"Cannot write {path}: {_one_line(exc)}") from exc
+    return path
+
+
+def _write_detached(image: sitk.Image, path: Path, tmp_header: Path, overwrite: bool) -> None:
+    """Write header + data file under their final names in a staging folder, then move the header to
+    ``tmp_header`` (which :func:`atomic_output` moves into place) and the data file beside ``path``."""
+    stage = tmp_header.with_name(tmp_header.name + ".d")
+    stage.mkdir()
+    try:
+        sitk.WriteImage(image, str(stage / path.name), useCompression=True)
+        data_files = [f for f in stage.iterdir() if f.name != path.name]
+        for f in data_files:
+            if (path.parent / f.name).exists() and not overwrite:
+                raise OutputError(f"{path.parent / f.name} already exists; pass overwrite=True or choose another path.")
+        os.replace(stage / path.name, tmp_header)
+        for f in data_files:
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _new_series_dataset(volume: CTVolume, series_description: str, convolution_kernel: str) -> Dataset:
+    """Series-level attributes of a derived CT series (everything but per-slice values)."""
+    header = volume.dicom_header if volume.dicom_header is not None else Dataset()
+    now = datetime.datetime.now()
+    today, now_time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds = Dataset()
+    for keyword in _CARRIED_TAGS:
+        if keyword in header:
+            ds.add(copy.deepcopy(header[keyword]))
+    if volume.dicom_header is None:
+        ds.PatientName, ds.PatientID, ds.StudyInstanceUID = "Anonymous", "LTDiffPP", generate_uid()
+        ds.StudyDate, ds.StudyTime = today, now_time
+    for keyword in _TYPE2_TAGS:  # required, possibly empty
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    ds.SOPClassUID, ds.Modality, ds.ImageType = CT_IMAGE_STORAGE, "CT", ["DERIVED", "SECONDARY"]
+    ds.SeriesInstanceUID = generate_uid()
+    ds.FrameOfReferenceUID = _text(header.get("FrameOfReferenceUID")) or generate_uid()
+    old_number = _text(header.get("SeriesNumber"))
+    ds.SeriesNumber = int(old_number) + 1000 if old_number.lstrip("-").isdigit() else 1000
+    ds.SeriesDescription = _fit(series_description, 64, "SeriesDescription")
+    if convolution_kernel:
+        ds.ConvolutionKernel = _fit(convolution_kernel, 16, "ConvolutionKernel")
+    source = _text(header.get("SeriesInstanceUID")) or volume.source or "(unknown)"
+    source_kernel = _text(header.get("ConvolutionKernel"))
+    ds.DerivationDescription = (f"LTDiffPP reconstruction-kernel standardization of series {source}"
+                                + (f" (kernel {source_kernel})" if source_kernel else "")
+                                + (f" to kernel {convolution_kernel}" if convolution_kernel else ""))[:1024]
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = today
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now_time
+    d = np.array(volume.direction).reshape(3, 3)
+    ds.ImageOrientationPatient = [_ds(v) for v in (*d[:, 0], *d[:, 1])]
+    ds.PixelSpacing = [_ds(volume.spacing[1]), _ds(volume.spacing[0])]
+    ds.SliceThickness = _ds(float(header.get("SliceThickness") or volume.spacing[2]))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = volume.hu.shape[1:]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = "1", "0", "HU"
+    ds.WindowCenter, ds.WindowWidth = "40", "400"
+    return ds
+
+
+def _fit(value: str, limit: int, keyword: str) -> str:
+    value = str(value).replace("\\", "/")
+    if len(value) > limit:
+        warnings.warn(f"{keyword} '{value}' is longer than DICOM allows ({limit}); truncated.", stacklevel=4)
+    return value[:limit]
+
+
+def _save(ds: Dataset, path: Path) -> None:
+    """Save as a DICOM file (preamble + file meta) with pydicom 3, or 2.4 (which needs the encoding flags)."""
+    if _PYDICOM_MAJOR >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:  # pragma: no cover - pydicom 2.x
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(path, write_like_original=False)
+
+
+def write_dicom_series(volume: CTVolume, folder: str | os.PathLike, *, series_description: str,
+                       convolution_kernel: str, overwrite: bool = False) -> Path:
+    """Write the volume as a new derived CT series, one file per slice ``IM{n:05d}.dcm`` (n = 1..z).
+
+    HU are rounded and stored as int16 (slope 1, intercept 0; values outside int16 are clipped with a
+    warning). Patient/study attributes come from ``volume.dicom_header`` when present; series, SOP
+    instance UIDs are new. A left-handed direction is written as given (slices then read back in the
+    opposite order, same patient-space image).
+    """
+    folder = Path(folder)
+    d = np.array(volume.direction).reshape(3, 3)
+    if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
+        raise InputError(f"{volume.source or 'volume'}: direction matrix is not orthonormal; cannot write DICOM.")
+    if not np.isfinite(volume.hu).all():
+        raise InputError(f"{volume.source or 'volume'} contains NaN or infinite voxels; cannot write DICOM.")
+    origin, normal = np.array(volume.origin), d[:, 2]
+    with atomic_output(folder, overwrite=overwrite, is_dir=True) as tmp:
+        rounded = np.rint(volume.hu)
+        if rounded.min(initial=0) < _INT16_MIN or rounded.max(initial=0) > _INT16_MAX:
+            warnings.warn(f"Writing {folder}: HU outside [{_INT16_MIN}, {_INT16_MAX}] clipped.", stacklevel=2)
+        pixels = np.clip(rounded, _INT16_MIN, _INT16_MAX).astype("<i2")
+        base = _new_series_dataset(volume, series_description, convolution_kernel)
+        for k in range(pixels.shape[0]):
+            ds = copy.deepcopy(base)
+            ds.SOPInstanceUID = generate_uid()
+            ds.InstanceNumber = k + 1
+            position = origin + k * volume.spacing[2] * normal
+            ds.ImagePositionPatient = [_ds(v) for v in position]
+            ds.SliceLocation = _ds(position @ normal)
+            ds.PixelData = pixels[k].tobytes()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            try:
+                _save(ds, tmp / f"IM{k + 1:05d}.dcm")
+            except OSError as exc:
+                raise OutputError(f"Cannot write {folder}: {exc}") from exc
+    return folder
+
+
+def write_volume(volume: CTVolume, path: str | os.PathLike, *, overwrite: bool = False,
+                 series_description: str = "LTDiffPP standardized", convolution_kernel: str = "") -> Path:
+    """Write an image file when ``path`` has an image extension, else a DICOM series into folder ``path``."""
+    path = Path(path)
+    if is_image_path(path):
+        return write_image(volume, path, overwrite=overwrite)
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        raise OutputError(f"{path}: DICOM output is a folder (one file per slice); pass a folder path.")
+    return write_dicom_series(volume, path, series_description=series_description,
+                              convolution_kernel=convolution_kernel, overwrite=overwrite)

@@ -1,0 +1,282 @@
+"""Model files: safetensors weights + JSON metadata + SHA-256, and the registry of shipped models.
+
+A model file is one ``.safetensors`` file. Its header's ``__metadata__`` holds
+``{"format": "ltdiffpp-model", "format_version": "1", "ltdiffpp": "<JSON>"}`` where the JSON has:
+
+- ``config``: the architecture (:class:`LTDiffPPLib.models.ModelConfig` as a dict),
+- ``source_kernel`` / ``target_kernel``: names of the kernels it converts from / to,
+- ``hu``: HU normalization ``{"center", "scale", "min", "max"}``: network input = (clip(HU, min, max) − center) / scale,
+- ``latent``: per-channel ``mean`` and ``std`` of the encoder output,
+- ``sampling``: defaults ``{"steps", "solver", "grid"}`` (see :mod:`LTDiffPPLib.sampler`),
+- ``pixel_spacing_mm``: ``[min, max]`` in-plane spacing seen in training (a warning outside it),
+- ``training``: free-form summary (data, hardware, wall time, validation CCC), ``name``, ``description``.
+
+Loading parses only that header and raw tensors — never a pickle. Shipped models are listed in
+``resources/registry.json`` with their SHA-256, which is checked before a registered model is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import ModelFileError
+from .io import atomic_output
+from .models import LTDiffPPNet, ModelConfig
+
+FORMAT = "ltdiffpp-model"
+FORMAT_VERSION = 1
+RESOURCES = Path(__file__).resolve().parent / "resources"
+REGISTRY_PATH = RESOURCES / "registry.json"
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference, with the metadata and checksum of the file it came from."""
+
+    net: LTDiffPPNet
+    metadata: dict[str, Any]
+    sha256: str
+    path: Path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.net.config
+
+
+def default_metadata(
+    cfg: ModelConfig,
+    *,
+    name: str,
+    source_kernel: str,
+    target_kernel: str,
+    description: str = "",
+    training: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Metadata with the library's default HU normalization and sampling settings."""
+    return {
+        "name": name,
+        "description": description,
+        "config": cfg.to_dict(),
+        "source_kernel": source_kernel,
+        "target_kernel": target_kernel,
+        "hu": {"center": -300.0, "scale": 1000.0, "min": -1024.0, "max": 3071.0},
+        "sampling": {"steps": 10, "solver": "dpmpp2m", "grid": "logsnr"},
+        "pixel_spacing_mm": [0.5, 1.0],
+        "training": training or {},
+    }
+
+
+def save_model(
+    net: LTDiffPPNet,
+    path: str | os.PathLike,
+    metadata: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    weights_dtype: str = "float32",
+) -> str:
+    """Write ``net`` and ``metadata`` atomically to ``path`` (``.safetensors``); return its SHA-256.
+
+    ``weights_dtype`` ``"float16"`` halves the file (weights are upcast to float32 on loading).
+
+    The latent statistics are taken from ``net`` and the architecture from ``net.config`` (they override
+    whatever ``metadata`` says about them), so a file can never disagree with its weights.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelFileError(f"{path}: model files must end in .safetensors")
+    meta = dict(metadata)
+    meta["config"] = net.config.to_dict()
+    meta["latent"] = {"mean": net.latent_mean.tolist(), "std": net.latent_std.tolist()}
+    _check_metadata(meta, path)
+    if weights_dtype not in ("float32", "float16"):
+        raise ModelFileError(f"weights_dtype must be 'float32' or 'float16', not {weights_dtype!r}")
+    meta["weights_dtype"] = weights_dtype
+    dtype = getattr(torch, weights_dtype)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "ltdiffpp": json.dumps(meta, sort_keys=True)}
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+        os.chmod(tmp, 0o644)  # safetensors creates 0600; a model file is meant to be shared
+    return sha256_file(path)
+
+
+def init_model(
+    path: str | os.PathLike,
+    config: ModelConfig | dict[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    source_kernel: str = "B30f",
+    target_kernel: str = "B70f",
+    name: str = "untrained",
+    overwrite: bool = False,
+) -> str:
+    """Write a randomly initialised (seeded) model file — the starting point of training; return its SHA-256.
+
+    Its metadata says plainly that it is untrained: its output is no kernel conversion.
+    """
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config or {})
+    torch.manual_seed(seed)
+    net = LTDiffPPNet(cfg)
+    # the denoiser's output layer starts at zero (standard for diffusion); a small random one makes an
+    # untrained model exercise every path of the sampler instead of returning a constant prediction
+    torch.nn.init.normal_(net.denoiser.out[-1].weight, std=1e-3)
+    meta = default_metadata(
+        cfg,
+        name=name,
+        source_kernel=source_kernel,
+        target_kernel=target_kernel,
+        description=f"UNTRAINED: random initial weights (seed {seed}); not a kernel conversion",
+        training={"status": "untrained", "seed": seed},
+    )
+    return save_model(net, Path(path), meta, overwrite=overwrite)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a model file, validated; raises :class:`ModelFileError` with the reason."""
+    path = Path(path)
+    _refuse_non_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a malformed header
+        raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from None
+    if header.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not an LTDiffPP model file (header format is {header.get('format')!r}, expected {FORMAT!r})")
+    if header.get("format_version") != str(FORMAT_VERSION):
+        raise ModelFileError(
+            f"{path}: model format version {header.get('format_version')!r} is not supported by this "
+            f"LTDiffPP (which reads version {FORMAT_VERSION}); update LTDiffPP or re-export the model"
+        )
+    try:
+        meta = json.loads(header["ltdiffpp"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: model metadata is missing or not valid JSON ({exc})") from None
+    _check_metadata(meta, path)
+    return meta
+
+
+def load_model(model: str | os.PathLike, *, device: str | torch.device = "cpu", verify_registry: bool = True) -> LoadedModel:
+    """Load a model by registry name or path. Registered files are checked against their SHA-256.
+
+    The network is returned in eval mode on ``device`` with float32 weights.
+    """
+    path, expected = resolve_model(model)
+    meta = read_metadata(path)
+    digest = sha256_file(path)
+    if verify_registry and expected is not None and digest != expected:
+        raise ModelFileError(
+            f"{path}: checksum mismatch — the registry expects SHA-256 {expected} but the file has {digest}; "
+            "the file is damaged or was modified. Reinstall it or pass a model file you trust."
+        )
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+        net = LTDiffPPNet(cfg)
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k).float() for k in f.keys()}
+        net.load_state_dict(state, strict=True)
+        net.set_latent_stats(meta["latent"]["mean"], meta["latent"]["std"])
+    except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+        raise ModelFileError(f"{path}: weights do not match the architecture in its metadata ({exc})") from None
+    net.eval().to(device)
+    return LoadedModel(net=net, metadata=meta, sha256=digest, path=path)
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    file: str
+    sha256: str
+    source_kernel: str
+    target_kernel: str
+    description: str = ""
+
+    @property
+    def path(self) -> Path:
+        return RESOURCES / "models" / self.file
+
+
+def registry(path: str | os.PathLike | None = None) -> tuple[list[RegistryEntry], str | None]:
+    """The shipped models and the name of the default one (``None`` while no model is shipped)."""
+    path = REGISTRY_PATH if path is None else path
+    try:
+        data = json.loads(Path(path).read_text())
+        entries = [RegistryEntry(**e) for e in data["models"]]
+        default = data.get("default")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path}: model registry is unreadable ({exc})") from None
+    if default is not None and default not in {e.name for e in entries}:
+        raise ModelFileError(f"{path}: default model {default!r} is not among the registered models")
+    return entries, default
+
+
+def resolve_model(model: str | os.PathLike | None) -> tuple[Path, str | None]:
+    """Map a registry name (or ``None`` for the default) or a file path to (path, expected SHA-256 or None)."""
+    entries, default = registry()
+    if model is None:
+        if default is None:
+            raise ModelFileError(
+                "no default model is shipped yet (registry "
+                f"{REGISTRY_PATH} lists none); pass a model file with --model PATH"
+            )
+        model = default
+    by_name = {e.name: e for e in entries}
+    if str(model) in by_name:
+        e = by_name[str(model)]
+        if not e.path.is_file():
+            raise ModelFileError(f"registered model {e.name!r} is missing its file {e.path}; reinstall LTDiffPP")
+        return e.path, e.sha256
+    path = Path(model)
+    if path.is_file():
+        return path, None
+    names = ", ".join(sorted(by_name)) or "none"
+    raise ModelFileError(f"{model}: no such model file, and not a registered model name (registered: {names})")
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+_PICKLE_OR_ZIP = (b"\x80", b"PK\x03\x04")
+
+
+def _refuse_non_safetensors(path: Path) -> None:
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_PICKLE_OR_ZIP):
+        raise ModelFileError(
+            f"{path}: this is a pickle/PyTorch checkpoint, not safetensors. LTDiffPP never unpickles model "
+            "files (a pickle can run arbitrary code); export the weights with Training's exporter"
+        )
+    if len(head) < 8 or int.from_bytes(head, "little") > os.path.getsize(path):
+        raise ModelFileError(f"{path}: not a safetensors file (bad header length)")
+
+
+def _check_metadata(meta: dict[str, Any], path: Path) -> None:
+    required = ("config", "source_kernel", "target_kernel", "hu", "latent", "sampling")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ModelFileError(f"{path}: model metadata lacks {missing}")
+    hu = meta["hu"]
+    if not all(k in hu for k in ("center", "scale", "min", "max")) or hu["scale"] <= 0 or hu["min"] >= hu["max"]:
+        raise ModelFileError(f"{path}: invalid HU normalization {hu}")

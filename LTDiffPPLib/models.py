@@ -1,0 +1,308 @@
+"""The LTDiff++ networks: a UNet++ autoencoder with a compact latent, and the conditional latent denoiser.
+
+Layout (all shapes are (batch, channels, y, x); an image slice is 1 channel of normalized HU)::
+
+    image (1, H, W) --pixel-unshuffle x p--> (p², H/p, W/p) --UNet++ encoder--> z (C_z, H/p, W/p)
+    z --UNet++ decoder (deep supervision heads on X^{0,1..L})--> L images (p², H/p, W/p) --pixel-shuffle--> (1, H, W)
+
+The nested dense skip pathways of UNet++ (Zhou et al. 2018) live *inside* the encoder and *inside* the
+decoder; nothing crosses from encoder to decoder except z. This avoids the "bypass trap" of a plain
+UNet++ (full-resolution skips would carry the source kernel's texture straight to the output, so a
+diffusion model that edits only the bottleneck could not change it): here ``LTDiffPPNet.decode`` takes
+z and nothing else, and ``tests/test_models.py`` checks that replacing z changes every output scale.
+
+The denoiser is a small conditional UNet on the latent grid: it sees the noisy target latent z_t
+concatenated with the *source* latent (the condition) and the diffusion time t ∈ [0, 1], and predicts
+v (or x0; see :mod:`LTDiffPPLib.sampler`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ModelConfig", "LTDiffPPNet", "NestedUNet", "UNetPPAutoencoder", "LatentDenoiser"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of an LTDiff++ model; stored in every model file's metadata.
+
+    ``patch``: pixel-unshuffle factor between the image and the latent grid (latent is H/patch × W/patch).
+    ``ae_widths``: channels of the UNet++ levels (one level per entry, each half the previous resolution).
+    ``latent_channels``: channels of z.
+    ``den_widths``: channels of the denoiser UNet levels; ``den_blocks``: residual blocks per level.
+    ``den_attention``: self-attention at the denoiser's coarsest level.
+    ``prediction``: what the denoiser predicts, ``"v"`` or ``"x0"``.
+    ``schedule``: noise schedule name (see :mod:`LTDiffPPLib.sampler`).
+    """
+
+    patch: int = 4
+    ae_widths: tuple[int, ...] = (32, 64, 128, 128)
+    latent_channels: int = 8
+    den_widths: tuple[int, ...] = (64, 128, 192)
+    den_blocks: int = 1
+    den_attention: bool = True
+    time_dim: int = 128
+    groups: int = 8
+    prediction: str = "v"
+    schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.prediction not in ("v", "x0"):
+            raise ValueError(f"prediction must be 'v' or 'x0', not {self.prediction!r}")
+        for w in (*self.ae_widths, *self.den_widths):
+            if w % self.groups:
+                raise ValueError(f"every width must be divisible by groups={self.groups}; got {w}")
+        if len(self.ae_widths) < 2 or len(self.den_widths) < 1:
+            raise ValueError("ae_widths needs >= 2 levels and den_widths >= 1")
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Image height and width must be multiples of this (pixel-unshuffle times all downsamplings)."""
+        return self.patch * 2 ** max(len(self.ae_widths) - 1, len(self.den_widths) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+
+# --------------------------------------------------------------------------------------------- blocks
+
+
+class ResBlock(nn.Module):
+    """GroupNorm–SiLU–conv3×3 twice, with a residual connection; optional FiLM from a time embedding."""
+
+    def __init__(self, cin: int, cout: int, groups: int, time_dim: int | None = None) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(cin, groups), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(_groups(cout, groups), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.film = nn.Linear(time_dim, 2 * cout) if time_dim else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.film is not None:
+            scale, shift = self.film(temb)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return self.skip(x) + h
+
+
+def _groups(channels: int, groups: int) -> int:
+    return math.gcd(channels, groups)
+
+
+class NestedUNet(nn.Module):
+    """UNet++: a backbone column X^{i,0} and nested dense skip nodes X^{i,j} (Zhou et al. 2018).
+
+    X^{i,j} = Block([X^{i,0}, …, X^{i,j-1}, Up(X^{i+1,j-1})]). Heads on X^{0,1..L} (deep supervision)
+    map to ``cout`` channels; ``forward`` returns them in order, the last (X^{0,L}) being the full output.
+    Input (B, cin, h, w) with h, w divisible by 2^(L); outputs (B, cout, h, w).
+    """
+
+    def __init__(self, cin: int, cout: int, widths: tuple[int, ...], groups: int, deep_supervision: bool) -> None:
+        super().__init__()
+        self.levels = len(widths)
+        self.stem = nn.Conv2d(cin, widths[0], 3, padding=1)
+        self.nodes = nn.ModuleDict()
+        for i, w in enumerate(widths):
+            self.nodes[f"{i}_0"] = ResBlock(widths[i - 1] if i else widths[0], w, groups)
+        for j in range(1, self.levels):
+            for i in range(self.levels - j):
+                cin_ij = widths[i] * j + widths[i + 1]
+                self.nodes[f"{i}_{j}"] = ResBlock(cin_ij, widths[i], groups)
+        self.downs = nn.ModuleList(nn.Conv2d(widths[i], widths[i], 3, stride=2, padding=1) for i in range(self.levels - 1))
+        head_idx = range(1, self.levels) if deep_supervision else [self.levels - 1]
+        self.head_index = list(head_idx)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.GroupNorm(_groups(widths[0], groups), widths[0]), nn.SiLU(), nn.Conv2d(widths[0], cout, 3, padding=1))
+            for _ in self.head_index
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        X: dict[tuple[int, int], torch.Tensor] = {}
+        h = self.stem(x)
+        for i in range(self.levels):
+            if i:
+                h = self.downs[i - 1](h)
+            h = self.nodes[f"{i}_0"](h)
+            X[i, 0] = h
+        for j in range(1, self.levels):
+            for i in range(self.levels - j):
+                up = F.interpolate(X[i + 1, j - 1], scale_factor=2.0, mode="nearest")
+                X[i, j] = self.nodes[f"{i}_{j}"](torch.cat([*(X[i, k] for k in range(j)), up], dim=1))
+        return [head(X[0, j]) for head, j in zip(self.heads, self.head_index)]
+
+
+class UNetPPAutoencoder(nn.Module):
+    """Image ↔ compact latent. ``encode``: (B,1,H,W) → (B,C_z,H/p,W/p); ``decode``: z → list of (B,1,H,W)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        p2 = cfg.patch**2
+        self.patch = cfg.patch
+        self.encoder = NestedUNet(p2, cfg.latent_channels, cfg.ae_widths, cfg.groups, deep_supervision=False)
+        self.decoder = NestedUNet(cfg.latent_channels, p2, cfg.ae_widths, cfg.groups, deep_supervision=True)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(F.pixel_unshuffle(x, self.patch))[-1]
+
+    def decode(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """All deep-supervision outputs, coarsest nested path first; the last one is the full output."""
+        return [F.pixel_shuffle(o, self.patch) for o in self.decoder(z)]
+
+
+# ------------------------------------------------------------------------------------------- denoiser
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of continuous diffusion time t ∈ [0, 1], shape (B,) → (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, channels: int, groups: int, heads: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(channels, groups), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        # contiguous q, k, v let PyTorch pick its flash/memory-efficient kernel (also on the CPU); the
+        # math fallback would materialize the (hw)² attention matrix: 43 GB for a 128² grid at batch 10
+        q, k, v = (t.contiguous() for t in qkv.unbind(1))
+        o = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, c/heads)
+        return x + self.proj(o.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class LatentDenoiser(nn.Module):
+    """Conditional UNet on the latent grid: f(z_t, t, z_src) → prediction (v or x0), all (B, C_z, h, w)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, w, g, td = cfg.latent_channels, cfg.den_widths, cfg.groups, cfg.time_dim
+        self.time_dim = td
+        self.time_mlp = nn.Sequential(nn.Linear(td, td), nn.SiLU(), nn.Linear(td, td))
+        self.inp = nn.Conv2d(2 * c, w[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        skips = []
+        ch = w[0]
+        for i, wi in enumerate(w):
+            level = nn.ModuleList()
+            for _ in range(cfg.den_blocks):
+                level.append(ResBlock(ch, wi, g, td))
+                ch = wi
+                skips.append(ch)
+            self.down_blocks.append(level)
+            if i < len(w) - 1:
+                self.downsamples.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.mid1 = ResBlock(ch, ch, g, td)
+        self.mid_attn = SelfAttention(ch, g) if cfg.den_attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, g, td)
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i, wi in reversed(list(enumerate(w))):
+            level = nn.ModuleList()
+            for _ in range(cfg.den_blocks):
+                level.append(ResBlock(ch + skips.pop(), wi, g, td))
+                ch = wi
+            self.up_blocks.append(level)
+            if i > 0:
+                self.upsamples.append(nn.Conv2d(ch, w[i - 1], 3, padding=1))
+                ch = w[i - 1]
+        self.out = nn.Sequential(nn.GroupNorm(_groups(ch, g), ch), nn.SiLU(), nn.Conv2d(ch, c, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(timestep_embedding(t, self.time_dim).to(z_t.dtype))
+        h = self.inp(torch.cat([z_t, cond], dim=1))
+        skips = []
+        for i, level in enumerate(self.down_blocks):
+            for block in level:
+                h = block(h, temb)
+                skips.append(h)
+            if i < len(self.downsamples):
+                h = self.downsamples[i](h)
+        h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)
+        for i, level in enumerate(self.up_blocks):
+            for block in level:
+                h = block(torch.cat([h, skips.pop()], dim=1), temb)
+            if i < len(self.upsamples):
+                h = self.upsamples[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.out(h)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+class LTDiffPPNet(nn.Module):
+    """UNet++ autoencoder + conditional latent denoiser, with latent channel statistics.
+
+    ``encode`` returns the *standardized* latent ((z − mean) / std per channel), which is what the
+    diffusion model works in; ``decode`` takes a standardized latent. The statistics are buffers here
+    and are stored in the model file's metadata.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.autoencoder = UNetPPAutoencoder(cfg)
+        self.denoiser = LatentDenoiser(cfg)
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels), persistent=False)
+        self.register_buffer("latent_std", torch.ones(cfg.latent_channels), persistent=False)
+
+    def set_latent_stats(self, mean: torch.Tensor | list[float], std: torch.Tensor | list[float]) -> None:
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != self.latent_mean.shape or std.shape != self.latent_std.shape:
+            raise ValueError(f"latent statistics must have {self.config.latent_channels} channels")
+        if not torch.all(std > 0):
+            raise ValueError("latent std must be positive")
+        self.latent_mean.copy_(mean)
+        self.latent_std.copy_(std)
+
+    def _stat(self, s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return s.to(like.dtype)[None, :, None, None]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,1,H,W) normalized image → standardized latent (B,C_z,H/p,W/p)."""
+        z = self.autoencoder.encode(x)
+        return (z - self._stat(self.latent_mean, z)) / self._stat(self.latent_std, z)
+
+    def decode_all(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Standardized latent → every deep-supervision output (B,1,H,W), the full output last."""
+        z = z * self._stat(self.latent_std, z) + self._stat(self.latent_mean, z)
+        return self.autoencoder.decode(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Standardized latent → the full-depth image (B,1,H,W)."""
+        return self.decode_all(z)[-1]
+
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Denoiser output (v or x0, per ``config.prediction``) for noisy latent z_t at time t given cond."""
+        return self.denoiser(z_t, t, cond)

@@ -1,0 +1,5 @@
+import sys
+
+from .export import _main
+
+sys.exit(_main())

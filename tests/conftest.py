@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny real model file, and the shared real data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from LTDiffPPLib.modelfile import init_model, load_model
+from LTDiffPPLib.models import ModelConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+#: a small architecture of the real model classes: fast on a CPU, same code paths as the default
+TINY = ModelConfig(patch=2, ae_widths=(8, 16, 16), latent_channels=4, den_widths=(8, 16), den_blocks=1,
+                   time_dim=16, groups=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A randomly initialised model file written and read through the real model-file code."""
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    init_model(path, TINY, seed=0, source_kernel="B30f", target_kernel="B70f", name="tiny-test")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    return load_model(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (only developer machines and CI have it)")
+    return SHARED_DATA
