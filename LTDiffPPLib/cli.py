@@ -82,7 +82,7 @@ def _cmd_standardize(a: argparse.Namespace) -> int:
     model = load_model(a.model if a.model else None)
     volume = read_volume(a.input, series_uid=a.series_uid)
     meta = model.metadata
-    steps = a.steps or meta["sampling"]["steps"]
+    steps = meta["sampling"]["steps"] if a.steps is None else a.steps
     solver = a.solver or meta["sampling"]["solver"]
     n = volume.hu.shape[0]
     bar = tqdm(total=n, unit="slice", desc="standardize", disable=a.quiet, bar_format="{l_bar}{bar}| {n:.1f}/{total} slices [{elapsed}<{remaining}]")

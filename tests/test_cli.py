@@ -88,6 +88,13 @@ def test_bad_input_gives_one_line_and_exit_2(kind, expect, tiny_model_path, tmp_
     assert not (tmp_path / "o.nrrd").exists()
 
 
+def test_bad_settings_give_exit_2(small_nrrd, tiny_model_path, tmp_path, capsys):
+    rc = main(["standardize", str(small_nrrd), str(tmp_path / "o.nrrd"), "--model", str(tiny_model_path),
+               "--steps", "0", "--quiet"])
+    assert rc == 2 and "steps" in capsys.readouterr().err
+    assert not (tmp_path / "o.nrrd").exists()
+
+
 def test_bad_model_gives_one_line_and_exit_2(small_nrrd, tmp_path, capsys):
     rc = main(["standardize", str(small_nrrd), str(tmp_path / "o.nrrd"), "--model", "no-such-model"])
     assert rc == 2 and "no such model file" in capsys.readouterr().err
