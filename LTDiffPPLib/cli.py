@@ -1,6 +1,8 @@
 """The ``ltdiffpp`` command line: headless and batch kernel standardization.
 
     ltdiffpp standardize INPUT OUTPUT [--model PATH_OR_NAME] [--device auto|cpu|cuda|mps] [--steps N] ...
+    ltdiffpp simulate INPUT OUTDIR [--kernels B30f,B70f] [--dose N] [--thickness MM] [--seed S]
+    ltdiffpp build-dataset OUTDIR [--simulate PATH ...] [--phantoms N] [--dicom-pair DIR ...] [--file-pair S=T ...]
     ltdiffpp info MODEL
     ltdiffpp models
     ltdiffpp demo [--out DIR]
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import LTDiffPPError
+from .errors import InputError, LTDiffPPError, OutputError
 from .io import check_output_path, is_image_path, read_volume, write_volume
 from .modelfile import load_model, read_metadata, registry, resolve_model, sha256_file
 
@@ -64,6 +66,44 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
     i.set_defaults(func=_cmd_info)
 
+    sim = sub.add_parser("simulate", help="scan a CT (or phantom) once and reconstruct it with several kernels")
+    sim.add_argument("input", help="DICOM series folder or image file, in HU (the ground-truth object)")
+    sim.add_argument("outdir", help="folder to write one image file per kernel into (created if missing)")
+    sim.add_argument("--kernels", default="B30f,B70f", help="comma-separated kernel names (default B30f,B70f)")
+    sim.add_argument("--dose", type=float, default=2.0e5, help="incident photons per detector ray (default 2e5)")
+    sim.add_argument("--views", type=int, default=720, help="projection angles over 180 degrees (default 720)")
+    sim.add_argument("--thickness", type=float, help="slice thickness in mm (a whole multiple of the input spacing)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--workers", type=int, help="processes (default: all cores)")
+    sim.add_argument("--format", default=".nrrd", choices=[".nrrd", ".nii.gz", ".mha"], help="output file type")
+    sim.add_argument("--series-uid", help="SeriesInstanceUID when the folder holds several series")
+    sim.add_argument("--overwrite", action="store_true")
+    sim.add_argument("--quiet", action="store_true")
+    sim.set_defaults(func=_cmd_simulate)
+
+    b = sub.add_parser("build-dataset", help="build a paired-kernel dataset (real DICOM pairs, file pairs, simulation)")
+    b.add_argument("outdir", help="dataset folder to create")
+    b.add_argument("--kernels", default="B30f,B70f", help="SOURCE,TARGET kernel names (simulator kernels for "
+                   "--simulate/--phantoms; labels for --file-pair)")
+    b.add_argument("--simulate", nargs="+", default=[], metavar="PATH", help="CT volumes (DICOM folders or images) to scan")
+    b.add_argument("--phantoms", type=int, default=0, help="number of digital chest phantoms to scan (seeds 0..N-1)")
+    b.add_argument("--phantom-shape", default="32,256,256", help="phantom Z,Y,X voxels (default 32,256,256)")
+    b.add_argument("--doses", default="2e5", help="comma-separated photons per ray; one simulated pair per dose")
+    b.add_argument("--thickness", type=float, help="simulated slice thickness in mm")
+    b.add_argument("--views", type=int, default=720)
+    b.add_argument("--dicom-pair", nargs="+", default=[], metavar="FOLDER",
+                   help="patient folders holding both series of one scan")
+    b.add_argument("--dicom-kernels", help="SOURCE,TARGET substrings of ConvolutionKernel (default: --kernels)")
+    b.add_argument("--file-pair", nargs="+", default=[], metavar="SRC=TGT", help="image files of one scan")
+    b.add_argument("--assume-same-grid", action="store_true", help="copy the source geometry onto a file pair's "
+                   "target when only its metadata differs (e.g. lost spacing)")
+    b.add_argument("--val", type=float, default=0.1, help="fraction of patients for validation (default 0.1)")
+    b.add_argument("--test", type=float, default=0.1, help="fraction of patients for testing (default 0.1)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--workers", type=int, help="simulation processes (default: all cores)")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=_cmd_build_dataset)
+
     m = sub.add_parser("models", help="list the models shipped in the registry")
     m.set_defaults(func=_cmd_models)
 
@@ -104,6 +144,73 @@ def _cmd_standardize(a: argparse.Namespace) -> int:
         dt = time.perf_counter() - t0
         print(f"wrote {out} ({n} slices, {dt:.1f} s, {dt / n:.2f} s/slice)")
     return 0
+
+
+def _cmd_simulate(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .simulation import ScanProtocol, get_kernel, simulate
+
+    kernels = [get_kernel(k.strip()).name for k in a.kernels.split(",") if k.strip()]
+    protocol = ScanProtocol(dose=a.dose, views=a.views)
+    outdir = Path(a.outdir)
+    stem = Path(a.input).name.split(".")[0]
+    thick = "" if a.thickness is None else f"_{a.thickness:g}mm"
+    outputs = {k: outdir / f"{stem}_{k}{thick}{a.format}" for k in kernels}
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputError(f"{outdir} exists and is not a folder")
+    outdir.mkdir(parents=True, exist_ok=True)
+    for path in outputs.values():
+        check_output_path(path, overwrite=a.overwrite)
+    volume = read_volume(a.input, series_uid=a.series_uid)
+    t0 = time.perf_counter()
+    with tqdm(total=volume.hu.shape[0], unit="slice", desc="simulate", disable=a.quiet) as bar:
+        result = simulate(volume, kernels, protocol=protocol, thickness_mm=a.thickness, seed=a.seed,
+                          workers=a.workers, progress=lambda done, total: bar.update(done - bar.n))
+    for k, path in outputs.items():
+        write_volume(result.volumes[k], path, overwrite=a.overwrite)
+    if not a.quiet:
+        print(f"wrote {', '.join(str(p) for p in outputs.values())} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_build_dataset(a: argparse.Namespace) -> int:
+    from .datasets import pair_from_dicom, pair_from_files, pairs_from_simulation, write_dataset
+
+    src_k, tgt_k = _two(a.kernels, "--kernels")
+    dcm_s, dcm_t = _two(a.dicom_kernels or a.kernels, "--dicom-kernels")
+    doses = [float(d) for d in a.doses.split(",")]
+    check_output_path(a.outdir, overwrite=a.overwrite, is_dir=True)
+    pairs = []
+    for folder in a.dicom_pair:
+        pairs.append(pair_from_dicom(folder, dcm_s, dcm_t))
+        print(f"paired {folder}: {pairs[-1].source.hu.shape[0]} slices")
+    for spec in a.file_pair:
+        if "=" not in spec:
+            raise InputError(f"--file-pair expects SRC=TGT, got {spec!r}")
+        s_path, t_path = spec.split("=", 1)
+        pairs.append(pair_from_files(s_path, t_path, src_k, tgt_k, assume_same_grid=a.assume_same_grid))
+    sims = [(read_volume(p), Path(p).name.split(".")[0]) for p in a.simulate]
+    shape = tuple(int(v) for v in a.phantom_shape.split(","))
+    if a.phantoms:
+        from .phantom import chest_phantom_volume
+
+        sims += [(chest_phantom_volume(shape, seed=i), f"phantom-{i}") for i in range(a.phantoms)]
+    for vol, patient in sims:
+        t0 = time.perf_counter()
+        pairs += pairs_from_simulation(vol, patient, src_k, tgt_k, doses=doses, thickness_mm=a.thickness,
+                                       views=a.views, seed=a.seed, workers=a.workers)
+        print(f"simulated {patient}: {len(doses)} dose(s), {vol.hu.shape[0]} slices, {time.perf_counter() - t0:.0f} s")
+    out = write_dataset(pairs, a.outdir, val=a.val, test=a.test, seed=a.seed, overwrite=a.overwrite)
+    print(f"wrote {out}: {len(pairs)} pairs")
+    return 0
+
+
+def _two(spec: str, flag: str) -> tuple[str, str]:
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise InputError(f"{flag} expects SOURCE,TARGET, got {spec!r}")
+    return parts[0], parts[1]
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
