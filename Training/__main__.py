@@ -1,5 +1,5 @@
 import sys
 
-from .export import _main
+from .cli import _main
 
 sys.exit(_main())

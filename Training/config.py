@@ -1,0 +1,95 @@
+"""Training configuration: every hyper-parameter of the three phases, read from a JSON file.
+
+Unknown keys are errors (a typo must not silently fall back to a default). Example:
+``Training/configs/tiny.json`` (CI) and ``Training/configs/default.json`` (the shipped model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from LTDiffPPLib.models import ModelConfig
+
+
+@dataclass
+class PhaseConfig:
+    """One phase: ``steps`` optimizer steps at learning rate ``lr`` (cosine decay after ``warmup``)."""
+
+    steps: int = 1000
+    lr: float = 2e-4
+    warmup: int = 100
+    batch_size: int = 8
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a training run (patch sizes in pixels, HU normalization from the model defaults).
+
+    Phase 1 trains the UNet++ autoencoder on patches of BOTH kernels with deep supervision
+    (``deep_supervision_weights`` over the decoder heads X^{0,1..L}, coarsest first). Phase 2 trains
+    the latent denoiser on pairs with the autoencoder frozen (v-prediction MSE). Phase 3 fine-tunes the
+    denoiser and the decoder jointly (encoder frozen, so latents keep their meaning): latent fidelity
+    (v-MSE) + ``lambda_image`` · L1 of the decoded *sample* (``phase3_sample_steps`` differentiable
+    DPM-Solver++ steps) against the target + ``lambda_nps`` · log noise-power-spectrum distance, so that
+    the sharp kernel's texture is learned rather than averaged away.
+    """
+
+    dataset: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    patch: int = 128
+    phase1: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=2000))
+    phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=4000))
+    phase3: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=1000, lr=5e-5, batch_size=4))
+    deep_supervision_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    lambda_image: float = 1.0
+    lambda_nps: float = 0.1
+    phase3_sample_steps: int = 3
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    val_every: int = 500
+    val_batches: int = 4
+    export_name: str = "ltdiffpp"
+    export_weights_dtype: str = "float16"
+    description: str = ""
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model)
+
+    def phase(self, n: int) -> PhaseConfig:
+        return (self.phase1, self.phase2, self.phase3)[n - 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        kw = dict(d)
+        for name in ("phase1", "phase2", "phase3"):
+            if name in kw:
+                extra = set(kw[name]) - {f.name for f in fields(PhaseConfig)}
+                if extra:
+                    raise ValueError(f"unknown keys in {name}: {sorted(extra)}")
+                kw[name] = PhaseConfig(**kw[name])
+        cfg = cls(**kw)
+        cfg.model_config  # validate the architecture now
+        if cfg.patch % cfg.model_config.spatial_multiple:
+            raise ValueError(f"patch {cfg.patch} must be a multiple of {cfg.model_config.spatial_multiple}")
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

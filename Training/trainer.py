@@ -1,0 +1,336 @@
+"""The three-phase LTDiff++ training loop, single process or DDP (torchrun), with exact resume.
+
+    phase 1  UNet++ autoencoder on patches of both kernels, deep supervision;   then latent statistics
+    phase 2  conditional latent denoiser on pairs (autoencoder frozen), v-prediction MSE
+    phase 3  denoiser + decoder jointly: latent fidelity + image L1 + noise-power loss on decoded samples
+
+Each phase starts from the previous phase's EMA weights. Checkpoints (``run_dir/checkpoints``) hold the
+model, EMA, optimizer, LR schedule, phase, step, latent statistics and elapsed time; they are written
+atomically and read with ``torch.load(weights_only=True)`` (tensors and plain containers only, no code).
+Batches and noise are pure functions of (seed, phase, step, rank), so ``resume`` continues with exactly
+the batches an uninterrupted run would have drawn: the final weights are identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from LTDiffPPLib.datasets import load_dataset
+from LTDiffPPLib.inference import pick_device
+from LTDiffPPLib.modelfile import default_metadata, save_model
+from LTDiffPPLib.models import LTDiffPPNet
+from LTDiffPPLib.sampler import add_noise, sample
+
+from .config import TrainConfig
+from .data import PatchSampler
+
+PHASES = (1, 2, 3)
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+
+def radial_log_power(img: torch.Tensor, bands: int = 16) -> torch.Tensor:
+    """Batch-mean power spectrum of (B, 1, P, P) images in ``bands`` radial bands, log scale (bands,)."""
+    p = img.shape[-1]
+    spec = torch.fft.rfft2(img - img.mean(dim=(-2, -1), keepdim=True), norm="ortho").abs().square().mean(dim=(0, 1))
+    fy = torch.fft.fftfreq(p, device=img.device)[:, None]
+    fx = torch.fft.rfftfreq(p, device=img.device)[None, :]
+    idx = torch.clamp((torch.sqrt(fy**2 + fx**2) / 0.5 * bands).long(), max=bands - 1)
+    power = torch.zeros(bands, device=img.device, dtype=spec.dtype).index_add_(0, idx.ravel(), spec.ravel())
+    count = torch.zeros(bands, device=img.device, dtype=spec.dtype).index_add_(0, idx.ravel(), torch.ones_like(spec).ravel())
+    return torch.log(power / count.clamp(min=1) + 1e-8)
+
+
+class PhaseLoss(nn.Module):
+    """The loss of one phase as a module, so DDP sees a forward() over the whole network."""
+
+    def __init__(self, net: LTDiffPPNet, cfg: TrainConfig, phase: int) -> None:
+        super().__init__()
+        self.net, self.cfg, self.phase = net, cfg, phase
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        net, cfg = self.net, self.cfg
+        if self.phase == 1:
+            x = torch.cat([src, tgt])
+            outs = net.autoencoder.decode(net.autoencoder.encode(x))
+            w = cfg.deep_supervision_weights[-len(outs):]
+            rec = sum(wi * F.l1_loss(o, x) for wi, o in zip(w, outs)) / sum(w)
+            return {"loss": rec, "l1_full": F.l1_loss(outs[-1], x).detach()}
+        with torch.no_grad():
+            z_src, z_tgt = net.encode(src), net.encode(tgt)
+        t = torch.rand(z_tgt.shape[0], generator=gen, device="cpu").to(z_tgt.device)
+        eps = torch.randn(z_tgt.shape, generator=gen, device="cpu").to(z_tgt.device)
+        z_t, v = add_noise(z_tgt, eps, t, net.config.schedule)
+        target = v if net.config.prediction == "v" else z_tgt
+        fidelity = F.mse_loss(net.predict(z_t, t, z_src), target)
+        if self.phase == 2:
+            return {"loss": fidelity}
+        noise = torch.randn(z_tgt.shape, generator=gen, device="cpu").to(z_tgt.device)
+        z0 = sample(lambda z, tt: net.predict(z, torch.full((z.shape[0],), tt, device=z.device), z_src), noise,
+                    steps=cfg.phase3_sample_steps, prediction=net.config.prediction, schedule=net.config.schedule)
+        img = net.decode(z0)
+        image = F.l1_loss(img, tgt)
+        nps = (radial_log_power(img) - radial_log_power(tgt)).abs().mean()
+        return {"loss": fidelity + cfg.lambda_image * image + cfg.lambda_nps * nps,
+                "fidelity": fidelity.detach(), "image_l1": image.detach(), "nps": nps.detach()}
+
+
+def trainable(net: LTDiffPPNet, phase: int) -> list[nn.Parameter]:
+    """Parameters trained in ``phase``. The encoder is frozen after phase 1; phase 3 decodes only the
+    full-depth output, so the decoder's coarser deep-supervision heads (phase-1 aids) stay as they are."""
+    if phase == 1:
+        return list(net.autoencoder.parameters())
+    if phase == 2:
+        return list(net.denoiser.parameters())
+    aux_heads = {id(p) for head in net.autoencoder.decoder.heads[:-1] for p in head.parameters()}
+    decoder = [p for p in net.autoencoder.decoder.parameters() if id(p) not in aux_heads]
+    return list(net.denoiser.parameters()) + decoder
+
+
+# -------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Runs the phases of ``cfg`` in ``run_dir``; ``resume="auto"`` continues from the last checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, *, device: str = "auto",
+                 resume: str | None = None, stop_after: tuple[int, int] | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg, self.run_dir, self.log_fn = cfg, Path(run_dir), log
+        self.stop_after = stop_after  # (phase, step): stop there as if killed (tests of resume)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = pick_device(device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dataset = load_dataset(cfg.dataset)
+        self.kernels = (dataset.manifest["source_kernel"], dataset.manifest["target_kernel"])
+        self.dataset_summary = {"path": str(cfg.dataset), "pairs": len(dataset.pairs),
+                                "train_pairs": len(dataset.subset("train")), "val_pairs": len(dataset.subset("val"))}
+        torch.manual_seed(cfg.seed)
+        self.net = LTDiffPPNet(cfg.model_config).to(self.device)
+        self.meta = default_metadata(cfg.model_config, name=cfg.export_name, source_kernel=self.kernels[0],
+                                     target_kernel=self.kernels[1], description=cfg.description)
+        self.train = PatchSampler(dataset, "train", cfg.patch, self.meta["hu"], cfg.seed)
+        self.val = PatchSampler(dataset, "val", cfg.patch, self.meta["hu"], cfg.seed + 1) if dataset.subset("val") else None
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.phase, self.step, self.elapsed = 1, 0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self._new_optimizer(1)
+        if self.rank == 0:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if resume:
+            self._resume(resume)
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def run(self) -> bool:
+        """Train until all phases are done (True) or ``stop_after`` is reached (False)."""
+        for phase in PHASES:
+            if phase < self.phase:
+                continue
+            if phase > self.phase:
+                self.phase, self.step = phase, 0
+                self._new_optimizer(phase)
+            if not self._run_phase(phase):
+                return False
+        return True
+
+    def _run_phase(self, phase: int) -> bool:
+        pc = self.cfg.phase(phase)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        params = trainable(self.net, phase)
+        for p in params:
+            p.requires_grad_(True)
+        module: nn.Module = PhaseLoss(self.net, self.cfg, phase)
+        if self.world > 1:
+            module = nn.parallel.DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
+        bar = self._bar(phase, pc.steps)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        t_last = time.perf_counter()
+        while self.step < pc.steps:
+            if self.stop_after == (phase, self.step):
+                return False
+            src, tgt = self.train.batch(pc.batch_size, phase, self.step, self.rank)
+            gen = torch.Generator().manual_seed(_seed(self.cfg.seed, phase, self.step, self.rank))
+            with autocast:
+                out = module(src.to(self.device), tgt.to(self.device), gen)
+            self.opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            self._update_ema(phase)
+            self.step += 1
+            now = time.perf_counter()
+            self.elapsed += now - t_last
+            t_last = now
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss'].item():.4f}")
+            if self.step % self.cfg.log_every == 0 or self.step == pc.steps:
+                self._log({"phase": phase, "step": self.step, "lr": self.sched.get_last_lr()[0],
+                           "grad_norm": float(grad_norm), **{k: float(v.detach()) for k, v in out.items()}})
+            if self.val is not None and (self.step % self.cfg.val_every == 0 or self.step == pc.steps):
+                self._log({"phase": phase, "step": self.step, "val_loss": self.validate(phase)})
+            if self.step == pc.steps:
+                self._end_phase(phase)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == pc.steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        return True
+
+    def _end_phase(self, phase: int) -> None:
+        """The next phase starts from this phase's EMA weights; after phase 1, measure latent statistics."""
+        self.net.load_state_dict(self.ema.state_dict())
+        if phase == 1:
+            self._latent_stats()
+
+    @torch.no_grad()
+    def _latent_stats(self, batches: int = 8) -> None:
+        zs = []
+        for i in range(batches):
+            src, tgt = self.train.batch(self.cfg.phase1.batch_size, 0, i, self.rank)
+            zs.append(self.net.autoencoder.encode(torch.cat([src, tgt]).to(self.device)).float())
+        z = torch.cat(zs).transpose(0, 1).reshape(zs[0].shape[1], -1)
+        if self.world > 1:  # pool the statistics of all ranks
+            moments = torch.stack([z.mean(1), z.square().mean(1)])
+            dist.all_reduce(moments)
+            moments /= self.world
+            mean, std = moments[0], (moments[1] - moments[0] ** 2).clamp(min=1e-12).sqrt()
+        else:
+            mean, std = z.mean(1), z.std(1)
+        for net in (self.net, self.ema):
+            net.set_latent_stats(mean.cpu(), std.clamp(min=1e-6).cpu())
+
+    @torch.no_grad()
+    def validate(self, phase: int) -> float:
+        """Mean loss of ``phase`` over fixed validation batches (EMA weights)."""
+        module = PhaseLoss(self.ema, self.cfg, phase)
+        losses = []
+        for i in range(self.cfg.val_batches):
+            src, tgt = self.val.batch(self.cfg.phase(phase).batch_size, phase, i)
+            gen = torch.Generator().manual_seed(10_000 + i)
+            losses.append(float(module(src.to(self.device), tgt.to(self.device), gen)["loss"]))
+        return float(np.mean(losses))
+
+    def _update_ema(self, phase: int) -> None:
+        d = self.cfg.ema_decay
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.net.parameters()):
+                e.lerp_(p, 1 - d)
+
+    def _new_optimizer(self, phase: int) -> None:
+        pc = self.cfg.phase(phase)
+        self.opt = torch.optim.AdamW(trainable(self.net, phase), lr=pc.lr, weight_decay=self.cfg.weight_decay)
+
+        def schedule(i: int) -> float:  # linear warm-up, then cosine decay to 10 %
+            if i < pc.warmup:
+                return (i + 1) / pc.warmup
+            x = (i - pc.warmup) / max(1, pc.steps - pc.warmup)
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, x)))
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/ckpt-p{phase}-s{step}.pt`` atomically (rank 0), keep the newest few."""
+        if self.rank != 0:
+            return None
+        ckpt_dir = self.run_dir / "checkpoints"
+        path = ckpt_dir / f"ckpt-p{self.phase}-s{self.step:07d}.pt"
+        state = {
+            "format": "ltdiffpp-checkpoint", "format_version": 1, "phase": self.phase, "step": self.step,
+            "net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(), "latent_mean": self.net.latent_mean.cpu(),
+            "latent_std": self.net.latent_std.cpu(), "elapsed": self.elapsed, "history": json.dumps(self.history),
+            "config": json.dumps(self.cfg.to_dict()),
+        }
+        tmp = ckpt_dir / f".{path.name}.tmp-{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        for old in sorted(ckpt_dir.glob("ckpt-*.pt"))[: -self.cfg.keep_checkpoints]:
+            old.unlink()
+        return path
+
+    def _resume(self, resume: str) -> None:
+        candidates = sorted((self.run_dir / "checkpoints").glob("ckpt-*.pt")) if resume == "auto" else [Path(resume)]
+        for path in reversed(candidates):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if state.get("format") != "ltdiffpp-checkpoint":
+                    raise ValueError("not an LTDiffPP checkpoint")
+            except Exception as exc:  # a damaged checkpoint: fall back to the previous one
+                warnings.warn(f"checkpoint {path} is unreadable ({exc}); trying the previous one", stacklevel=2)
+                continue
+            self.phase, self.step = int(state["phase"]), int(state["step"])
+            self.net.load_state_dict(state["net"])
+            self.ema.load_state_dict(state["ema"])
+            for net in (self.net, self.ema):
+                net.set_latent_stats(state["latent_mean"], state["latent_std"])
+            self._new_optimizer(self.phase)
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            self.elapsed = float(state["elapsed"])
+            self.history = json.loads(state["history"])
+            self.log_fn(f"resumed from {path} (phase {self.phase}, step {self.step})")
+            return
+        if resume != "auto" or candidates:
+            raise FileNotFoundError(f"no usable checkpoint in {self.run_dir / 'checkpoints'}")
+
+    # ---------------------------------------------------------------------------------------- export
+
+    def export(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+        """Write the EMA model as an LTDiffPP model file with its model card; returns the SHA-256."""
+        meta = dict(self.meta)
+        hw = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine()
+        meta["training"] = {
+            "status": "trained", "phases": {str(p): self.cfg.phase(p).steps for p in PHASES}, "seed": self.cfg.seed,
+            "wall_time_s": round(self.elapsed, 1), "hardware": f"{self.device.type}: {hw} x{self.world}",
+            "torch": torch.__version__, "dataset": self.dataset_summary, "config": self.cfg.to_dict(),
+            "final": {k: v for k, v in (self.history[-1] if self.history else {}).items()},
+        }
+        return save_model(self.ema, path, meta, overwrite=overwrite, weights_dtype=self.cfg.export_weights_dtype)
+
+    # --------------------------------------------------------------------------------------- logging
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _bar(self, phase: int, total: int):
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=self.step, desc=f"phase {phase}", unit="step", leave=True)
+
+
+def _seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of ``keys`` (the same in every process)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
