@@ -146,3 +146,16 @@ def test_cli_build_dataset_from_files_and_simulation(tmp_path):
     assert [p["kind"] for p in ds.pairs] == ["files", "simulated", "simulated"]
     assert {p["dose"] for p in ds.pairs} == {None, 1e5, 2e5}
     assert main(["build-dataset", str(out), "--simulate", str(tmp_path / "ct.nrrd")]) == 2  # exists
+
+
+def test_cli_build_dataset_from_phantoms(tmp_path):
+    from LTDiffPPLib.cli import main
+
+    out = tmp_path / "ph"
+    assert main(["build-dataset", str(out), "--phantoms", "3", "--phantom-shape", "2,64,64", "--doses", "1e5",
+                 "--workers", "1"]) == 0
+    ds = load_dataset(out)
+    assert [p["patient"] for p in ds.pairs] == ["phantom-0", "phantom-1", "phantom-2"]
+    assert {p["split"] for p in ds.pairs} == {"train", "val", "test"}
+    src, tgt = ds.arrays(ds.pairs[0])
+    assert src.shape == (2, 64, 64) and tgt.std() > src.std()  # the sharp kernel is noisier
