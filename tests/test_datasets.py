@@ -152,10 +152,15 @@ def test_cli_build_dataset_from_phantoms(tmp_path):
     from LTDiffPPLib.cli import main
 
     out = tmp_path / "ph"
-    assert main(["build-dataset", str(out), "--phantoms", "3", "--phantom-shape", "2,64,64", "--doses", "1e5",
+    assert main(["build-dataset", str(out), "--phantoms", "3", "--phantom-shape", "2,192,192", "--doses", "1e5",
                  "--workers", "1"]) == 0
     ds = load_dataset(out)
     assert [p["patient"] for p in ds.pairs] == ["phantom-0", "phantom-1", "phantom-2"]
     assert {p["split"] for p in ds.pairs} == {"train", "val", "test"}
     src, tgt = ds.arrays(ds.pairs[0])
-    assert src.shape == (2, 64, 64) and tgt.std() > src.std()  # the sharp kernel is noisier
+    assert src.shape == (2, 192, 192)  # 1.9 mm pixels: fine enough for the kernels to differ
+    from LTDiffPPLib.simulation import kernel_ratio
+
+    pixel = ds.pairs[0]["spacing_mm"][0]
+    ratio = kernel_ratio(np.asarray(tgt[0], np.float32), np.asarray(src[0], np.float32), pixel, [0.2], crop=64)
+    assert ratio[0] > 1.2  # B70f/B30f at 0.2 mm^-1 is ~1.4 on the real pair
