@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from LTDiffPPLib.io import CTVolume, read_image, read_volume  # noqa: E402
-from LTDiffPPLib.simulation import ScanProtocol, kernel_library, simulate, simulate_slice  # noqa: E402
+from LTDiffPPLib.simulation import REFERENCE_F50_MM, ScanProtocol, simulate, simulate_slice  # noqa: E402
 
 PX, N = 0.693, 512
 KERNELS = ["B10f", "B30f", "B50f", "B70f"]
@@ -130,7 +130,9 @@ def main() -> int:
         "rounded. Kernel windows relative to B30f are the ratios measured on the real test1 pair",
         "(√ of the power-spectrum ratio in 128² body crops, bands ±0.05 mm⁻¹, used up to 0.575 mm⁻¹;",
         "the B10f band at 0.675 mm⁻¹ sits on a noise floor), interpolated monotonically and continued",
-        "with the last slope; B30f's own window is exp(−ln2·(f/0.38)^2.2), a typical smooth body kernel.",
+        "with the last slope. B30f's own window is exp(−ln2·(f/f50)^2.2) with f50 = "
+        f"{REFERENCE_F50_MM} mm⁻¹, the width at which a simulated water scan reproduces the real pair's",
+        "noise-SD ratio B70f/B30f (6.8 in its most homogeneous soft-tissue windows; B30f 13.6 HU, B70f 90.6 HU).",
         "",
         "Slice thickness variants (0.625, 1.25, 3.75, 5 mm) average whole groups of reconstructed thin",
         "slices *after* reconstruction (a boxcar slice profile, as scanners derive thick slices from thin",
@@ -146,6 +148,12 @@ def main() -> int:
         f50 = "> Nyquist" if np.isnan(m50) else f"{m50:.3f}"
         lines.append(f"| {k} | {f50} | {f10} | {mx:.2f} | {fpk:.3f} | {sd:.1f} |")
     lines += [
+        "",
+        "Within 0.1–0.5 mm⁻¹ a simulated scan (QA phantom, 384² at 0.693 mm) reproduces the real kernel",
+        "ratios within 7 % (B10f 6.6 %, B50f 3.2 %, B70f 4.7 %; `tests/test_simulation.py` asserts 15 %).",
+        "Above ~0.5 mm⁻¹ the simulated ratios fall below the real ones (B70f/B30f 21.5 instead of 25.9 at",
+        "0.675 mm⁻¹) because integer rounding of stored values puts a",
+        "noise floor under the smooth kernel's spectrum; the windows themselves follow the real ratios.",
         "",
         "MTF above 1 (B50f, B70f) is the edge enhancement of sharp kernels (as in the real B70f: its",
         "spectrum exceeds B30f's ×25 at 0.675 mm⁻¹). The MTF includes the pixel and projector blur of",

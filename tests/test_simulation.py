@@ -157,3 +157,15 @@ def test_cli_simulate_writes_one_file_per_kernel(tmp_path):
     assert main(["simulate", str(src), str(out), "--workers", "1", "--quiet"]) == 0  # other names: no clash
     assert main(["simulate", str(src), str(out), "--workers", "1", "--quiet"]) == 2  # now they exist
     assert main(["simulate", str(src), str(out), "--kernels", "B30f,Bl99", "--quiet"]) == 2
+
+
+def test_noise_texture_matches_the_real_pair():
+    """The absolute window scale: simulated B70f/B30f noise SD ratio within 15 % of the real pair's."""
+    cal = json.loads(CALIBRATION_PATH.read_text())
+    px, n = cal["pixel_mm"], 256
+    r = _grid(n, px)[2]
+    water = 1000.0 * np.clip((80.0 - r) / px + 0.5, 0.0, 1.0) - 1000.0
+    clean = simulate_slice(water, px, ["B30f", "B70f"], ScanProtocol(dose=None), np.random.default_rng(0))
+    noisy = simulate_slice(water, px, ["B30f", "B70f"], ScanProtocol(dose=2e5), np.random.default_rng(0))
+    sd30, sd70 = ((a - b)[r < 50].std() for a, b in zip(noisy, clean))
+    assert sd70 / sd30 == pytest.approx(cal["noise"]["sd_ratio_B70f_B30f"], rel=0.15)
