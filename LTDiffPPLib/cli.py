@@ -3,6 +3,7 @@
     ltdiffpp standardize INPUT OUTPUT [--model PATH_OR_NAME] [--device auto|cpu|cuda|mps] [--steps N] ...
     ltdiffpp simulate INPUT OUTDIR [--kernels B30f,B70f] [--dose N] [--thickness MM] [--seed S]
     ltdiffpp build-dataset OUTDIR [--simulate PATH ...] [--phantoms N] [--dicom-pair DIR ...] [--file-pair S=T ...]
+    ltdiffpp evaluate --reference REF --candidate NAME=PATH [...] [--source SRC] [--mask LABELMAP] --out DIR
     ltdiffpp info MODEL
     ltdiffpp models
     ltdiffpp demo [--out DIR]
@@ -103,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, help="simulation processes (default: all cores)")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=_cmd_build_dataset)
+
+    from .evaluation import add_evaluate_parser
+
+    add_evaluate_parser(sub)
 
     m = sub.add_parser("models", help="list the models shipped in the registry")
     m.set_defaults(func=_cmd_models)
