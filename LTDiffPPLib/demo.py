@@ -1,11 +1,16 @@
-"""``ltdiffpp demo``: the whole pipeline on the built-in sample, no external data needed.
+"""``ltdiffpp demo``: the whole job on the built-in sample, no external data needed.
 
-Builds the QA phantom, writes it as NRRD, standardizes it with the registry's default model, writes the
-result as NRRD and as a DICOM series, reads both back and checks that their geometry equals the input's.
+1. build a digital chest phantom (:mod:`LTDiffPPLib.phantom`);
+2. scan it once and reconstruct with the smooth (source) and sharp (reference) kernels
+   (:mod:`LTDiffPPLib.simulation`);
+3. standardize the smooth scan with the registry's default model;
+4. radiomic concordance (CCC by feature class) of unconverted and converted images against the sharp
+   reference, beside the Fourier-ratio and ComBat baselines (:mod:`LTDiffPPLib.evaluation`);
+5. write the volumes, the report and a PNG panel (source / converted / reference, zoomed lung crop).
 
-While no trained model is shipped (it arrives with the Training issue), the demo says so and uses a
-randomly initialised model file it writes itself: every stage runs for real, but the output is *not*
-a kernel conversion.
+While no trained model is shipped (it arrives with the Training issue) the demo says so and uses a
+randomly initialised model file it writes itself: every stage runs for real, but its "converted" row
+measures an untrained network, not a kernel conversion.
 """
 
 from __future__ import annotations
@@ -17,56 +22,92 @@ import numpy as np
 from tqdm import tqdm
 
 from .inference import standardize
-from .io import CTVolume, read_volume, write_volume
-from .modelfile import init_model, load_model, registry
-from .phantom import qa_phantom
+from .io import CTVolume, write_volume
+from .modelfile import LoadedModel, init_model, load_model, registry
+from .phantom import chest_phantom_volume
+from .simulation import ScanProtocol, simulate
 
-_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
-
-def run_demo(out_dir: Path, *, shape: tuple[int, int, int] = (4, 256, 256), steps: int | None = None) -> dict[str, float]:
+def run_demo(out_dir: Path, *, shape: tuple[int, int, int] = (6, 384, 384), rois: int = 100,
+             steps: int | None = None, seed: int = 0) -> dict[str, float]:
     """Run the demo into ``out_dir`` (created; files in it are replaced). Returns timings in seconds."""
+    from .evaluation import evaluate
+
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    sample = CTVolume(hu=qa_phantom(shape, spacing_mm=0.8), spacing=(0.8, 0.8, 2.0), origin=(-102.0, -102.0, 0.0),
-                      direction=_IDENTITY, source="built-in QA phantom")
-    src_path = write_volume(sample, out_dir / "sample.nrrd", overwrite=True)
-    timings["sample"] = time.perf_counter() - t
-    print(f"[1/4] built-in sample: QA phantom {shape[0]}x{shape[1]}x{shape[2]} voxels -> {src_path}")
+    model = _model(out_dir)
+    src_k, tgt_k = model.metadata["source_kernel"], model.metadata["target_kernel"]
 
-    _, default = registry()
-    if default is None:
-        model_path = out_dir / "untrained-model.safetensors"
-        init_model(model_path, seed=0, overwrite=True)
-        print("[2/4] NOTE: no trained default model is shipped yet (it arrives with the Training issue).\n"
-              f"      Using a randomly initialised model ({model_path.name}): every stage runs for real,\n"
-              "      but the output is NOT a kernel conversion.")
-        model = load_model(model_path)
-    else:
-        model = load_model(default)
-        print(f"[2/4] model: {default} ({model.metadata['source_kernel']} -> {model.metadata['target_kernel']})")
-
-    volume = read_volume(src_path)
     t = time.perf_counter()
-    with tqdm(total=volume.hu.shape[0], unit="slice", desc="[3/4] standardize") as bar:
-        hu = standardize(volume.hu, volume.spacing, model, steps=steps, seed=0,
-                         progress=lambda done, total: bar.update(done - bar.n))
+    phantom = chest_phantom_volume(shape, seed=seed)
+    print(f"[1/5] digital chest phantom {shape[0]}x{shape[1]}x{shape[2]} voxels, {phantom.spacing[0]:.2f} mm pixels")
+    with tqdm(total=shape[0], unit="slice", desc=f"[2/5] scan, reconstruct {src_k} and {tgt_k}") as bar:
+        scans = simulate(phantom, [src_k, tgt_k], protocol=ScanProtocol(dose=2e5), seed=seed,
+                         progress=lambda d, n: bar.update(d - bar.n)).volumes
+    timings["phantom+simulation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    source = scans[src_k]
+    with tqdm(total=shape[0], unit="slice", desc="[3/5] standardize") as bar:
+        hu = standardize(source.hu, source.spacing, model, steps=steps, seed=seed,
+                         progress=lambda d, n: bar.update(d - bar.n))
+    converted = source.with_hu(hu)
     timings["standardize"] = time.perf_counter() - t
 
-    result = volume.with_hu(hu)
-    kernel = model.metadata["target_kernel"]
-    nrrd = write_volume(result, out_dir / "standardized.nrrd", overwrite=True)
-    dicom = write_volume(result, out_dir / "standardized_dicom", overwrite=True, convolution_kernel=kernel,
-                         series_description=f"LTDiffPP demo ({model.metadata.get('name', 'model')})")
-    for path in (nrrd, dicom):
-        back = read_volume(path)
-        same = (np.allclose(back.spacing, volume.spacing, atol=1e-4) and np.allclose(back.origin, volume.origin, atol=1e-4)
-                and np.allclose(back.direction, volume.direction, atol=1e-6) and back.hu.shape == volume.hu.shape)
-        if not same:
-            raise RuntimeError(f"{path}: geometry read back differs from the input's")
-    n = volume.hu.shape[0]
-    print(f"[4/4] wrote {nrrd} and {dicom} (geometry checked against the input)\n"
-          f"      {n} slices in {timings['standardize']:.1f} s ({timings['standardize'] / n:.2f} s/slice); "
-          f"HU mean in {volume.hu.mean():.1f}, out {hu.mean():.1f}")
+    paths = {name: write_volume(vol, out_dir / f"{name}.nrrd", overwrite=True)
+             for name, vol in (("phantom", phantom), (f"source_{src_k}", source),
+                               (f"reference_{tgt_k}", scans[tgt_k]), ("converted", converted))}
+    t = time.perf_counter()
+    with tqdm(total=0, unit="ROI", desc="[4/5] radiomics") as bar:
+
+        def progress(done: int, total: int) -> None:  # counts ROIs of every image
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = evaluate(scans[tgt_k], {f"unconverted {src_k}": source, "LTDiffPP": converted}, source=source,
+                          rois=rois, seed=seed, out_dir=out_dir / "evaluation", overwrite=True, progress=progress)
+    timings["evaluation"] = time.perf_counter() - t
+    panel = _panel(out_dir / "panel.png", source, converted, scans[tgt_k], src_k, tgt_k)
+    print(f"[5/5] CCC of radiomic features against the {tgt_k} reference ({rois} ROIs):\n")
+    print(result.tables_markdown)
+    if model.metadata.get("training", {}).get("status") == "untrained":
+        print("NOTE: the LTDiffPP row is an UNTRAINED network (no trained default model is shipped yet).")
+    print(f"\nwrote {', '.join(p.name for p in paths.values())}, evaluation/ and {panel.name} to {out_dir}")
     return timings
+
+
+def _model(out_dir: Path) -> LoadedModel:
+    _, default = registry()
+    if default is not None:
+        model = load_model(default)
+        print(f"model: {default} ({model.metadata['source_kernel']} -> {model.metadata['target_kernel']})")
+        return model
+    path = out_dir / "untrained-model.safetensors"
+    init_model(path, seed=0, overwrite=True)
+    print("NOTE: no trained default model is shipped yet (it arrives with the Training issue). Using a randomly\n"
+          f"      initialised model ({path.name}): every stage runs for real, but the conversion is meaningless.")
+    return load_model(path)
+
+
+def _panel(path: Path, source: CTVolume, converted: CTVolume, reference: CTVolume, src_k: str, tgt_k: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = source.hu.shape[0] // 2
+    n = source.hu.shape[1]
+    crop = np.s_[n // 4 : n // 4 + n // 4, n // 6 : n // 6 + n // 4]  # the patient's right lung
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7.4))
+    for col, (vol, title) in enumerate(((source, f"source ({src_k})"), (converted, "converted (LTDiffPP)"),
+                                        (reference, f"reference ({tgt_k})"))):
+        axes[0, col].imshow(vol.hu[z], cmap="gray", vmin=-1000, vmax=400)
+        axes[0, col].set_title(title)
+        axes[1, col].imshow(vol.hu[z][crop], cmap="gray", vmin=-1100, vmax=100)
+        axes[1, col].set_title("lung crop")
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

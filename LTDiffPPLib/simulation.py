@@ -7,7 +7,9 @@ For each axial slice (y, x) of a volume in HU:
    to parallel has this geometry), ``views`` angles over 180°, detector pitch = pixel size;
 3. Poisson noise of ``dose`` incident photons per ray (plus optional Gaussian electronic noise), and
    the log transform back to line integrals — one noisy sinogram per slice;
-4. filtered back-projection of that SAME sinogram once per kernel: ramp × the kernel's window W(f);
+4. filtered back-projection of that SAME sinogram with each kernel: ramp × the kernel's window W(f)
+   (implemented as one ramp-filtered back-projection followed by each kernel's window as a radial 2D
+   filter, which the Fourier slice theorem makes equivalent; extra kernels then cost almost nothing);
 5. what a scanner does to stored images: HU clipped to −1024…3071 and rounded to integers.
 
 The kernel windows are calibrated on the only real paired-kernel data we have (one chest slice
@@ -49,10 +51,10 @@ CALIBRATION_PATH = Path(__file__).resolve().parent / "resources" / "kernel_calib
 #: Half-response frequency (mm⁻¹) of the reference B30f window. The ratios between kernels come from the
 #: real pair's spectra; this absolute scale comes from the real pair's *noise*: in the five most
 #: homogeneous soft-tissue windows of test1 the B70f/B30f noise SD ratio is 6.8 (B30f 13.6 HU, B70f
-#: 90.6 HU; ``kernel_calibration.json``), and with 0.46 mm⁻¹ a simulated water scan at the same pixel
-#: size gives 7.0 (B30f 12.4 HU, B70f 86.8 HU at 2e5 photons/ray). With 0.38 it gave only 4.7: the
+#: 90.6 HU; ``kernel_calibration.json``), and with 0.45 mm⁻¹ a simulated water scan at the same pixel
+#: size gives 7.0 (B30f 11.9 HU, B70f 83.9 HU at 2e5 photons/ray). With 0.38 it gave only 4.7: the
 #: back-projector's aperture removes high-frequency noise, which the sharp kernel has most of.
-REFERENCE_F50_MM = 0.46
+REFERENCE_F50_MM = 0.45
 
 
 def reference_window(f_mm: np.ndarray) -> np.ndarray:
@@ -113,16 +115,6 @@ def get_kernel(name: str) -> Kernel:
 # ------------------------------------------------------------------------------ kernel measurement
 
 
-def body_mask(hu: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
-    """The patient's body in an axial slice (y, x): above ``threshold_hu``, largest component, holes filled."""
-    mask = hu > threshold_hu
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
-    return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
-
-
 def kernel_ratio(
     sharp: np.ndarray,
     smooth: np.ndarray,
@@ -140,9 +132,11 @@ def kernel_ratio(
     few per cent up to ~0.6 mm⁻¹ (whole-image spectra instead hit a noise floor above ~0.5 mm⁻¹).
     Inputs are (y, x) HU slices on the same grid.
     """
+    from .radiomics import body_mask  # here, not at import: it loads pandas
+
     if sharp.shape != smooth.shape or sharp.ndim != 2:
         raise InputError(f"kernel_ratio needs two (y, x) slices of one shape, got {sharp.shape} and {smooth.shape}")
-    inside = ndimage.binary_erosion(body_mask(smooth), iterations=3)
+    inside = ndimage.binary_erosion(body_mask(smooth[None])[0], iterations=3)
     win = np.outer(np.hanning(crop), np.hanning(crop))
     f = np.fft.fftfreq(crop, d=pixel_mm)
     fr = np.hypot(*np.meshgrid(f, f))
@@ -204,34 +198,50 @@ def _projectors(ny: int, nx: int, views: int) -> tuple[int, int]:
     return astra.create_projector("linear", proj, vol), astra.create_projector("strip", proj, vol)
 
 
-@lru_cache(maxsize=16)
-def _fbp_filter(n_det: int, pixel_mm: float, kernel: str) -> np.ndarray:
-    """Frequency response (rfft layout) of ramp × window for detector rows of ``n_det`` samples.
-
-    The ramp is the band-limited spatial-domain ramp (Kak & Slaney), which has the right DC term.
-    Units: per pixel (the sinogram is in pixel units).
-    """
+@lru_cache(maxsize=8)
+def _ramp(n_det: int) -> np.ndarray:
+    """Frequency response (rfft layout, per pixel) of the band-limited spatial-domain ramp (Kak & Slaney),
+    which has the right DC term, for detector rows of ``n_det`` samples zero-padded to a power of two."""
     n_pad = 1 << int(math.ceil(math.log2(2 * n_det)))
     k = np.arange(-(n_pad // 2), n_pad // 2)
     h = np.zeros(n_pad)
     h[k == 0] = 0.25
     odd = k % 2 == 1
     h[odd] = -1.0 / (np.pi * k[odd]) ** 2
-    ramp = np.abs(np.fft.rfft(np.fft.ifftshift(h)))
-    f_mm = np.fft.rfftfreq(n_pad, d=1.0) / pixel_mm
-    return ramp * get_kernel(kernel).window(f_mm)
+    return np.abs(np.fft.rfft(np.fft.ifftshift(h)))
 
 
-def _reconstruct(sino: np.ndarray, bp_id: int, pixel_mm: float, kernel: str) -> np.ndarray:
+@lru_cache(maxsize=16)
+def _window_2d(ny: int, nx: int, pixel_mm: float, kernel: str) -> np.ndarray:
+    """A kernel's window W(|f|) on the rfft2 grid of a (2ny, 2nx) zero-padded image."""
+    fy = np.fft.fftfreq(2 * ny, d=pixel_mm)[:, None]
+    fx = np.fft.rfftfreq(2 * nx, d=pixel_mm)[None, :]
+    return get_kernel(kernel).window(np.sqrt(fy * fy + fx * fx))
+
+
+def _ramp_fbp(sino: np.ndarray, bp_id: int) -> np.ndarray:
+    """Ramp-filtered back-projection (no kernel window) of a (views, detectors) sinogram, pixel units."""
     import astra
 
     n_views, n_det = sino.shape
-    h = _fbp_filter(n_det, pixel_mm, kernel)
+    h = _ramp(n_det)
     n_pad = 2 * (len(h) - 1)
     filtered = np.fft.irfft(np.fft.rfft(sino, n=n_pad, axis=1) * h, n=n_pad, axis=1)[:, :n_det]
     data_id, bp = astra.create_backprojection(filtered.astype(np.float32), bp_id)
     astra.data2d.delete(data_id)
-    return bp * (np.pi / n_views)
+    return bp.astype(np.float64) * (np.pi / n_views)
+
+
+def _apply_window(image: np.ndarray, pixel_mm: float, kernel: str) -> np.ndarray:
+    """Filter a ramp-only reconstruction (attenuation, zero outside the object) with a kernel's window.
+
+    By the Fourier slice theorem, filtering every projection with W(|f|) before back-projection equals
+    filtering the reconstruction with the radial 2D filter W(|f|); so one back-projection serves every
+    kernel. Zero-padding to twice the size keeps the filter from wrapping around the image edges.
+    """
+    ny, nx = image.shape
+    spec = np.fft.rfft2(image, s=(2 * ny, 2 * nx)) * _window_2d(ny, nx, pixel_mm, kernel)
+    return np.fft.irfft2(spec, s=(2 * ny, 2 * nx))[:ny, :nx]
 
 
 def simulate_slice(
@@ -257,7 +267,8 @@ def simulate_slice(
             counts += rng.normal(0.0, protocol.electronic_noise, counts.shape)
         sino = -np.log(np.maximum(counts, 0.5) / protocol.dose)  # <1 count: a detector floor of 0.5
     scale = 1000.0 / (protocol.mu_water_per_mm * pixel_mm)
-    return [(_reconstruct(sino, bp_id, pixel_mm, k) * scale - 1000.0).astype(np.float32) for k in kernels]
+    ramp_only = _ramp_fbp(sino, bp_id)
+    return [(_apply_window(ramp_only, pixel_mm, k) * scale - 1000.0).astype(np.float32) for k in kernels]
 
 
 def store_as_scanner(hu: np.ndarray) -> np.ndarray:
