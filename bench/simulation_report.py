@@ -25,7 +25,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from LTDiffPPLib.io import CTVolume, read_image, read_volume  # noqa: E402
+from LTDiffPPLib.io import CTVolume, read_volume  # noqa: E402
 from LTDiffPPLib.simulation import REFERENCE_F50_MM, ScanProtocol, simulate, simulate_slice  # noqa: E402
 
 PX, N = 0.693, 512
@@ -173,31 +173,28 @@ def main() -> int:
 
 
 def _panel(path: Path, dose: float) -> str:
-    """Real test1 B30f/B70f next to a simulated B30f/B70f scan of a real chest CT slice (lung window)."""
-    shared = ROOT.parent / "shared" / "data"
-    chest = shared / "chest_ct" / "itkelastix_philips_C"
-    pair = shared / "paired_kernels"
-    if not chest.is_dir() or not pair.is_dir():
+    """A real chest CT slice and its simulated B30f/B70f scans (lung window). The real test1 pair is not
+    shown: it is licensed for internal evaluation only, so no image of it enters the repository."""
+    chest = ROOT.parent / "shared" / "data" / "chest_ct" / "itkelastix_philips_C"
+    if not chest.is_dir():
         return "(panel skipped: ../shared/data is absent)"
     vol = read_volume(chest)
     mid = vol.hu.shape[0] // 2
     sl = CTVolume(hu=vol.hu[mid : mid + 1], spacing=vol.spacing, origin=vol.origin, direction=vol.direction)
     sim = simulate(sl, ["B30f", "B70f"], protocol=ScanProtocol(dose=dose), seed=0, workers=1).volumes
-    real = {k: read_image(pair / f"test1_{k[:-1]}.mha").hu[0] for k in ("B30f", "B70f")}
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
-    crops = [(real["B30f"][150:310, 90:250], "real test1 B30f"), (real["B70f"][150:310, 90:250], "real test1 B70f"),
-             (sim["B30f"].hu[0][150:314, 60:224], "simulated B30f (Philips chest)"),
-             (sim["B70f"].hu[0][150:314, 60:224], "simulated B70f (same scan)")]
-    for ax, (img, title) in zip(axes, crops):
-        ax.imshow(img, cmap="gray", vmin=-1200, vmax=300)
+    crop = np.s_[150:314, 60:224]
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.8))
+    for ax, (img, title) in zip(axes, [(vol.hu[mid], "original (Philips, kernel C)"), (sim["B30f"].hu[0], "simulated B30f"),
+                                       (sim["B70f"].hu[0], "simulated B70f (same scan)")]):
+        ax.imshow(img[crop], cmap="gray", vmin=-1200, vmax=300)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    return (f"Lung-window crops (−1200…300 HU): the real Siemens pair (left) and a slice of the real Philips chest CT "
-            f"simulated with both kernels at {dose:.0e} photons/ray (right). The original Philips image already "
-            "carries its own kernel and noise; the simulation's noise dominates at this dose.")
+    return (f"Lung-window crops (−1200…300 HU) of a slice of the real Philips chest CT and of its simulated scans "
+            f"with both kernels at {dose:.0e} photons/ray. The original already carries its own kernel and noise; "
+            "the simulation's noise dominates at this dose.")
 
 
 if __name__ == "__main__":
