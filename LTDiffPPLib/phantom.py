@@ -265,6 +265,18 @@ def _paint(hu: np.ndarray, lab: np.ndarray, alpha: np.ndarray, value, label: int
     lab[np.broadcast_to(alpha >= 0.5, lab.shape)] = label
 
 
+def _segment_offset(grid: _Grid, box, a_mm: np.ndarray, b_mm: np.ndarray):
+    """Offset (ex, ey, ez) in mm from each voxel of ``box`` to its nearest point on the segment a→b, and
+    that point's position t ∈ [0, 1] along the segment."""
+    a = a_mm.tolist()
+    ab = (b_mm - a_mm).tolist()
+    l2 = max(ab[0] ** 2 + ab[1] ** 2 + ab[2] ** 2, 1e-9)
+    X, Y, Z = grid.sub(box)
+    px, py, pz = X - a[0], Y - a[1], Z - a[2]
+    t = np.clip((px * (ab[0] / l2) + py * (ab[1] / l2) + pz * (ab[2] / l2)), 0.0, 1.0)
+    return px - t * ab[0], py - t * ab[1], pz - t * ab[2], t
+
+
 def _capsules_cover(grid: _Grid, segs: _Segments, grow: np.ndarray | float = 0.0) -> np.ndarray:
     """Union coverage (max over capsules) of tapered capsules whose radii are enlarged by ``grow`` (mm)."""
     cov = np.zeros(grid.shape, np.float32)
@@ -284,13 +296,7 @@ def _capsules_cover(grid: _Grid, segs: _Segments, grow: np.ndarray | float = 0.0
         box = grid.box(lo[i], hi[i])
         if box is None:
             continue
-        a = segs.a[i].tolist()
-        ab = (segs.b[i] - segs.a[i]).tolist()
-        l2 = max(ab[0] ** 2 + ab[1] ** 2 + ab[2] ** 2, 1e-9)
-        X, Y, Z = grid.sub(box)
-        px, py, pz = X - a[0], Y - a[1], Z - a[2]
-        t = np.clip((px * (ab[0] / l2) + py * (ab[1] / l2) + pz * (ab[2] / l2)), 0.0, 1.0)
-        ex, ey, ez = px - t * ab[0], py - t * ab[1], pz - t * ab[2]
+        ex, ey, ez, t = _segment_offset(grid, box, segs.a[i], segs.b[i])
         rr = np.sqrt(ex * ex + ey * ey + ez * ez)
         d = rr - (float(ra[i]) + t * float(rb[i] - ra[i]))
         w = (np.abs(ex) * sx + np.abs(ey) * sy + np.abs(ez) * sz + 1e-3 * sx) / (rr + 1e-3)
@@ -307,13 +313,8 @@ def _capsules_distance(grid: _Grid, segs: _Segments, reach: float) -> np.ndarray
         box = grid.box(np.minimum(segs.a[i], segs.b[i]) - r, np.maximum(segs.a[i], segs.b[i]) + r)
         if box is None:
             continue
-        a = segs.a[i].tolist()
-        ab = (segs.b[i] - segs.a[i]).tolist()
-        l2 = max(ab[0] ** 2 + ab[1] ** 2 + ab[2] ** 2, 1e-9)
-        X, Y, Z = grid.sub(box)
-        px, py, pz = X - a[0], Y - a[1], Z - a[2]
-        t = np.clip((px * (ab[0] / l2) + py * (ab[1] / l2) + pz * (ab[2] / l2)), 0.0, 1.0)
-        d = np.sqrt((px - t * ab[0]) ** 2 + (py - t * ab[1]) ** 2 + (pz - t * ab[2]) ** 2)
+        ex, ey, ez, t = _segment_offset(grid, box, segs.a[i], segs.b[i])
+        d = np.sqrt(ex**2 + ey**2 + ez**2)
         d -= float(segs.ra[i]) + t * float(segs.rb[i] - segs.ra[i])
         sub = out[box]
         np.minimum(sub, d, out=sub)
