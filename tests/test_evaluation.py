@@ -15,7 +15,8 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from LTDiffPPLib.errors import InputError, OutputError
-from LTDiffPPLib.evaluation import COMBAT, FOURIER, add_evaluate_parser, evaluate
+from LTDiffPPLib.cli import add_evaluate_parser
+from LTDiffPPLib.evaluation import COMBAT, FOURIER, evaluate
 from LTDiffPPLib.io import CTVolume, write_volume
 from LTDiffPPLib.radiomics import PAPER_CLASSES, load_params
 
