@@ -73,16 +73,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        _reject_unknown(cls, d, "training config keys")
         kw = dict(d)
         for name in ("phase1", "phase2", "phase3"):
             if name in kw:
-                extra = set(kw[name]) - {f.name for f in fields(PhaseConfig)}
-                if extra:
-                    raise ValueError(f"unknown keys in {name}: {sorted(extra)}")
+                _reject_unknown(PhaseConfig, kw[name], f"keys in {name}")
                 kw[name] = PhaseConfig(**kw[name])
         cfg = cls(**kw)
         cfg.model_config  # validate the architecture now
@@ -93,3 +88,10 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _reject_unknown(cls: type, d: dict[str, Any], what: str) -> None:
+    """A typo in a configuration must not silently fall back to a default."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what}: {sorted(unknown)}")
