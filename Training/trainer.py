@@ -181,7 +181,7 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             self.opt.step()
             self.sched.step()
-            self._update_ema(phase)
+            self._update_ema()
             self.step += 1
             now = time.perf_counter()
             self.elapsed += now - t_last
@@ -236,7 +236,7 @@ class Trainer:
             losses.append(float(module(src.to(self.device), tgt.to(self.device), gen)["loss"]))
         return float(np.mean(losses))
 
-    def _update_ema(self, phase: int) -> None:
+    def _update_ema(self) -> None:
         d = self.cfg.ema_decay
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.net.parameters()):
