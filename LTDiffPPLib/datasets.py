@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,15 +203,24 @@ def write_dataset(
     val: float = 0.1,
     test: float = 0.1,
     seed: int = 0,
+    splits: Mapping[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``pairs`` as a dataset folder (atomically); returns its path."""
+    """Write ``pairs`` as a dataset folder (atomically); returns its path.
+
+    Patients are split at random by the ``val``/``test`` fractions, except those named in ``splits``
+    (patient → "train"/"val"/"test"), e.g. to hold out a scanner or a body region on purpose.
+    """
     if not pairs:
         raise InputError("no pairs to write")
+    bad = {p: s for p, s in (splits or {}).items() if s not in SPLITS}
+    if bad:
+        raise InputError(f"unknown subsets {bad}; use one of {', '.join(SPLITS)}")
     kernels = {(p.source_kernel, p.target_kernel) for p in pairs}
     if len({k for k, _ in kernels}) > 1 and any(p.kind == "simulated" for p in pairs):
         raise InputError(f"simulated pairs must share one source and one target kernel, got {sorted(kernels)}")
-    split = split_by_patient((p.patient for p in pairs), val=val, test=test, seed=seed)
+    split = split_by_patient((p.patient for p in pairs if p.patient not in (splits or {})), val=val, test=test, seed=seed)
+    split.update(splits or {})
     out_dir = Path(out_dir)
     entries = []
     with atomic_output(out_dir, overwrite=overwrite, is_dir=True) as tmp:
@@ -233,7 +242,7 @@ def write_dataset(
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "source_kernel": pairs[0].source_kernel, "target_kernel": pairs[0].target_kernel,
-            "split": {"val": val, "test": test, "seed": seed, "by": "patient"},
+            "split": {"val": val, "test": test, "seed": seed, "by": "patient", "fixed": dict(splits or {})},
             "pairs": entries,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -32,7 +32,7 @@ from .errors import InputError, OutputError
 
 __all__ = [
     "IMAGE_EXTENSIONS", "CTVolume", "DicomSeriesInfo", "atomic_output", "check_output_path", "from_sitk", "is_image_path",
-    "list_dicom_series", "read_dicom_series", "read_image", "read_volume", "to_sitk", "write_dicom_series",
+    "list_dicom_series", "read_dicom_series", "read_image", "read_volume", "resample_inplane", "to_sitk", "write_dicom_series",
     "write_image", "write_volume",
 ]
 
@@ -343,6 +343,32 @@ def to_sitk(volume: CTVolume) -> sitk.Image:
     image.SetOrigin(volume.origin)
     image.SetDirection(volume.direction)
     return image
+
+
+def resample_inplane(volume: CTVolume, pixel_mm: float, size: int | None = None) -> CTVolume:
+    """The volume resampled in-plane to square ``pixel_mm`` pixels (linear), slices unchanged.
+
+    With ``size``, the new (y, x) grid is ``size`` × ``size`` pixels centred on the old field of view
+    (cropping or padding with −1024 HU air); otherwise it covers the old field of view. Kernel texture
+    scales with pixel size, so simulated training data is made at the pixel size the model will see.
+    """
+    if not pixel_mm > 0:
+        raise InputError(f"pixel size must be positive, got {pixel_mm} mm")
+    sx, sy, sz = volume.spacing
+    nz, ny, nx = volume.hu.shape
+    new_x = size or max(1, round(nx * sx / pixel_mm))
+    new_y = size or max(1, round(ny * sy / pixel_mm))
+    d = np.asarray(volume.direction).reshape(3, 3)
+    centre = np.asarray(volume.origin) + d @ np.array([(nx - 1) / 2 * sx, (ny - 1) / 2 * sy, 0.0])
+    origin = centre - d @ np.array([(new_x - 1) / 2 * pixel_mm, (new_y - 1) / 2 * pixel_mm, 0.0])
+    ref = sitk.Image(int(new_x), int(new_y), int(nz), sitk.sitkFloat32)
+    ref.SetSpacing((pixel_mm, pixel_mm, sz))
+    ref.SetOrigin(tuple(float(v) for v in origin))
+    ref.SetDirection(volume.direction)
+    out = sitk.Resample(to_sitk(volume), ref, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    return CTVolume(hu=sitk.GetArrayFromImage(out), spacing=(pixel_mm, pixel_mm, sz),
+                    origin=tuple(float(v) for v in origin), direction=volume.direction,
+                    dicom_header=volume.dicom_header, source=volume.source)
 
 
 def read_image(path: str | os.PathLike) -> CTVolume:

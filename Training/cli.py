@@ -1,6 +1,6 @@
 """``python -m Training`` / ``ltdiffpp-train``: train, resume, export, or create an untrained model file.
 
-    python -m Training train --config CONFIG.json --run-dir RUN [--resume auto] [--device auto]
+    python -m Training train --config CONFIG.json --run-dir RUN [--dataset DIR] [--resume auto] [--device auto]
     torchrun --nproc_per_node N -m Training train --config CONFIG.json --run-dir RUN     (DDP)
     python -m Training export --run-dir RUN --out MODEL.safetensors
     python -m Training init OUT.safetensors [--config MODEL_CONFIG.json] [--seed S]
@@ -26,6 +26,7 @@ def _main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="run (or resume) the three training phases")
     t.add_argument("--config", required=True, help="training configuration (JSON)")
     t.add_argument("--run-dir", required=True, help="folder for checkpoints, metrics and the exported model")
+    t.add_argument("--dataset", help="dataset folder (overrides the config's \"dataset\")")
     t.add_argument("--resume", help="'auto' (latest checkpoint in the run folder) or a checkpoint path")
     t.add_argument("--device", default="auto")
     t.add_argument("--export", default="model.safetensors", help="model file written into the run folder at the end")
@@ -51,7 +52,10 @@ def _main(argv: list[str] | None = None) -> int:
         from .trainer import Trainer
 
         if a.cmd == "train":
-            trainer = Trainer(TrainConfig.load(a.config), a.run_dir, device=a.device, resume=a.resume)
+            cfg = TrainConfig.load(a.config)
+            if a.dataset:
+                cfg.dataset = a.dataset
+            trainer = Trainer(cfg, a.run_dir, device=a.device, resume=a.resume)
             trainer.run()
             if trainer.rank == 0:
                 digest = trainer.export(Path(a.run_dir) / a.export, overwrite=True)

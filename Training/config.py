@@ -36,6 +36,10 @@ class TrainConfig:
     (v-MSE) + ``lambda_image`` · L1 of the decoded *sample* (``phase3_sample_steps`` differentiable
     DPM-Solver++ steps) against the target + ``lambda_nps`` · log noise-power-spectrum distance, so that
     the sharp kernel's texture is learned rather than averaged away.
+
+    ``sampling`` (steps, solver, grid) becomes the exported model's default for inference;
+    ``tensorboard`` writes scalars and source/converted/target panels to ``run_dir/tensorboard``
+    (when the ``tensorboard`` package is installed).
     """
 
     dataset: str = ""
@@ -57,6 +61,8 @@ class TrainConfig:
     log_every: int = 50
     val_every: int = 500
     val_batches: int = 4
+    sampling: dict[str, Any] = field(default_factory=lambda: {"steps": 10, "solver": "dpmpp2m", "grid": "logsnr"})
+    tensorboard: bool = True
     export_name: str = "ltdiffpp"
     export_weights_dtype: str = "float16"
     description: str = ""
@@ -81,6 +87,7 @@ class TrainConfig:
                 kw[name] = PhaseConfig(**kw[name])
         cfg = cls(**kw)
         cfg.model_config  # validate the architecture now
+        _reject_unknown_keys(cfg.sampling, {"steps", "solver", "grid"}, "keys in sampling")
         if cfg.patch % cfg.model_config.spatial_multiple:
             raise ValueError(f"patch {cfg.patch} must be a multiple of {cfg.model_config.spatial_multiple}")
         return cfg
@@ -92,6 +99,10 @@ class TrainConfig:
 
 def _reject_unknown(cls: type, d: dict[str, Any], what: str) -> None:
     """A typo in a configuration must not silently fall back to a default."""
-    unknown = set(d) - {f.name for f in fields(cls)}
+    _reject_unknown_keys(d, {f.name for f in fields(cls)}, what)
+
+
+def _reject_unknown_keys(d: dict[str, Any], known: set[str], what: str) -> None:
+    unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown {what}: {sorted(unknown)}")

@@ -130,6 +130,9 @@ class Trainer:
         self.net = LTDiffPPNet(cfg.model_config).to(self.device)
         self.meta = default_metadata(cfg.model_config, name=cfg.export_name, source_kernel=self.kernels[0],
                                      target_kernel=self.kernels[1], description=cfg.description)
+        self.meta["sampling"] = {**self.meta["sampling"], **cfg.sampling}
+        inplane = [s for p in dataset.subset("train") for s in p["spacing_mm"][:2]]
+        self.meta["pixel_spacing_mm"] = [round(min(inplane), 4), round(max(inplane), 4)]
         self.train = PatchSampler(dataset, "train", cfg.patch, self.meta["hu"], cfg.seed)
         self.val = PatchSampler(dataset, "val", cfg.patch, self.meta["hu"], cfg.seed + 1) if dataset.subset("val") else None
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
@@ -141,6 +144,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         if resume:
             self._resume(resume)
+        self.tb = _tensorboard_writer(self.run_dir / "tensorboard") if cfg.tensorboard and self.rank == 0 else None
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -194,12 +198,15 @@ class Trainer:
                            "grad_norm": float(grad_norm), **{k: float(v.detach()) for k, v in out.items()}})
             if self.val is not None and (self.step % self.cfg.val_every == 0 or self.step == pc.steps):
                 self._log({"phase": phase, "step": self.step, "val_loss": self.validate(phase)})
+                self._log_panel(phase)
             if self.step == pc.steps:
                 self._end_phase(phase)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == pc.steps:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
+        if self.tb is not None:
+            self.tb.flush()
         return True
 
     def _end_phase(self, phase: int) -> None:
@@ -317,11 +324,43 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- logging
 
+    def _global_step(self, phase: int) -> int:
+        """Steps since the start of training (TensorBoard's x axis runs on across phases)."""
+        return sum(self.cfg.phase(p).steps for p in PHASES if p < phase) + self.step
+
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.rank == 0:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            phase = record["phase"]
+            for k, v in record.items():
+                if k not in ("phase", "step"):
+                    self.tb.add_scalar(f"phase{phase}/{k}", v, self._global_step(phase))
+
+    @torch.no_grad()
+    def _log_panel(self, phase: int) -> None:
+        """TensorBoard image: source | EMA output (reconstruction in phase 1, conversion after) | target."""
+        if self.tb is None:
+            return
+        src, tgt = self.val.batch(2, phase, 0)
+        src, tgt = src.to(self.device), tgt.to(self.device)
+        if phase == 1:
+            out = self.ema.decode(self.ema.encode(tgt))
+        else:
+            cond = self.ema.encode(src)
+            noise = torch.randn(cond.shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+            z0 = sample(lambda z, t: self.ema.predict(z, torch.full((z.shape[0],), t, device=z.device), cond), noise,
+                        steps=int(self.meta["sampling"]["steps"]), solver=self.meta["sampling"]["solver"],
+                        grid=self.meta["sampling"].get("grid", "logsnr"),
+                        prediction=self.ema.config.prediction, schedule=self.ema.config.schedule)
+            out = self.ema.decode(z0)
+        hu = self.meta["hu"]
+        lo, hi = (-1350.0 - hu["center"]) / hu["scale"], (150.0 - hu["center"]) / hu["scale"]  # lung window
+        rows = [torch.cat([a[i, 0], b[i, 0], c[i, 0]], dim=1) for i in range(src.shape[0]) for a, b, c in [(src, out, tgt)]]
+        panel = ((torch.cat(rows, dim=0).float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+        self.tb.add_image("val/source_converted_target", panel[None], self._global_step(phase))
 
     def _bar(self, phase: int, total: int):
         if self.rank != 0:
@@ -329,6 +368,17 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=total, initial=self.step, desc=f"phase {phase}", unit="step", leave=True)
+
+
+def _tensorboard_writer(log_dir: Path):
+    """A TensorBoard SummaryWriter, or None (with a note) when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("tensorboard is not installed; logging to metrics.jsonl only "
+                      "(pip install tensorboard, or the project's [train] extra)", stacklevel=2)
+        return None
+    return SummaryWriter(str(log_dir))
 
 
 def _seed(*keys: int) -> int:
