@@ -1,21 +1,35 @@
-"""MRML volume nodes ↔ :class:`~LTDiffPPLib.io.CTVolume`, and standardization of a volume node.
+"""MRML logic of the Slicer module, Qt-free: volume nodes ↔ CTVolume, standardization of a volume node
+(in process, or in a worker subprocess with progress and cancel), segment radiomics with CCC tables and
+a bar chart, subject-hierarchy placement.
 
-Qt-free: works in the Slicer application and, for tests and servers, on the ``slicer-core`` package.
-The scene is always passed explicitly (no ``slicer.mrmlScene``). Slicer stores geometry in RAS, the
-library (like DICOM and ITK) in LPS: the two differ by a sign flip of x and y.
+Works in the Slicer application and, for tests and servers, on the ``slicer-core`` package
+(:func:`headless_scene` makes a scene with the module logics registered). The scene is always passed
+explicitly (no ``slicer.mrmlScene``). Slicer stores geometry in RAS, the library (like DICOM and ITK)
+in LPS: the two differ by a sign flip of x and y.
+
+Nothing is created or changed in the scene until a run has succeeded: a failed or cancelled
+standardization or radiomics run leaves no half-filled node behind.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import InputError
-from .inference import ProgressCallback, standardize
 from .io import CTVolume
-from .modelfile import LoadedModel, load_model
+
+if TYPE_CHECKING:  # torch is imported only where a model runs in this process
+    import pandas as pd
+
+    from .inference import ProgressCallback
+    from .modelfile import LoadedModel
+    from .radiomics import Roi
+    from .runner import Job
 
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
 
@@ -59,6 +73,116 @@ def update_node_from_volume(node: Any, volume: CTVolume) -> None:
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(volume.hu, dtype=np.float32))
 
 
+# ------------------------------------------------------------------------------------------- scene
+#: module logics a headless scene needs for what this module does (tables, plots, segment export, SH)
+_LOGICS = ("vtkMRMLColorLogic", "vtkSlicerSubjectHierarchyModuleLogic", "vtkSlicerSegmentationsModuleLogic",
+           "vtkSlicerTablesLogic", "vtkSlicerPlotsLogic")
+
+
+def headless_scene() -> Any:
+    """A new MRML scene with the logics of colors, subject hierarchy, segmentations, tables and plots
+    registered, as the Slicer application has them (for scripts, servers and tests on slicer-core)."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    logics = []
+    for name in _LOGICS:
+        logic = getattr(slicer, name)()
+        logic.SetMRMLScene(scene)
+        logics.append(logic)
+    scene._ltdiffpp_logics = logics  # keep them alive as long as the scene
+    return scene
+
+
+def subject_hierarchy(scene: Any) -> Any:
+    import slicer
+
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if sh is None:
+        raise InputError("the scene has no subject hierarchy")
+    return sh
+
+
+def sh_item(scene: Any, node: Any) -> int:
+    """The subject-hierarchy item of ``node`` (created under the scene item when the node has none yet:
+    the Slicer application creates items itself, a headless scene does not)."""
+    sh = subject_hierarchy(scene)
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        item = sh.CreateItem(sh.GetSceneItemID(), node)
+    return item
+
+
+def place_beside(scene: Any, node: Any, sibling: Any) -> None:
+    """Move ``node`` into the subject-hierarchy folder/study that holds ``sibling``."""
+    sh = subject_hierarchy(scene)
+    parent = sh.GetItemParent(sh_item(scene, sibling)) or sh.GetSceneItemID()
+    sh.SetItemParent(sh_item(scene, node), parent)
+
+
+def _ijk_to_ras(node: Any) -> np.ndarray:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def same_grid(a: Any, b: Any, tol: float = 1e-4) -> bool:
+    """True when two volume nodes have the same voxel grid (dimensions, IJK→RAS, parent transform)."""
+    if a.GetImageData() is None or b.GetImageData() is None:
+        return False
+    return (tuple(a.GetImageData().GetDimensions()) == tuple(b.GetImageData().GetDimensions())
+            and np.allclose(_ijk_to_ras(a), _ijk_to_ras(b), atol=tol)
+            and a.GetTransformNodeID() == b.GetTransformNodeID())
+
+
+# ---------------------------------------------------------------------------------- standardization
+def _describe_output(meta: Mapping[str, Any], sha256: str, solver: str, steps: int, seed: int) -> str:
+    return (f"LTDiffPP {meta['source_kernel']} -> {meta['target_kernel']}; model {meta.get('name', '')} "
+            f"(sha256 {sha256[:12]}); {solver} {steps} steps; seed {seed}")
+
+
+def _check_output_node(input_node: Any, output_node: Any | None) -> None:
+    if output_node is None:
+        return
+    if output_node is input_node or output_node.GetID() == input_node.GetID():
+        raise InputError("the output volume must differ from the input volume; choose or create another one")
+    if not output_node.IsA("vtkMRMLScalarVolumeNode") or output_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError(f"output {output_node.GetName()!r} is not a scalar volume node")
+
+
+def _store_output(scene: Any, input_node: Any, output_node: Any | None, hu: np.ndarray, *, target_kernel: str,
+                  description: str, attributes: Mapping[str, str]) -> Any:
+    """Create (when None) or fill the output node with ``hu`` on the input's exact grid; name,
+    description, transform, attributes and subject-hierarchy place beside the input."""
+    import slicer.util
+    import vtk
+
+    if output_node is None:
+        name = scene.GenerateUniqueName(f"{input_node.GetName()}_{target_kernel}")
+        output_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    m = vtk.vtkMatrix4x4()
+    input_node.GetIJKToRASMatrix(m)
+    output_node.SetIJKToRASMatrix(m)
+    slicer.util.updateVolumeFromArray(output_node, np.ascontiguousarray(hu, dtype=np.float32))
+    output_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
+    output_node.SetDescription(description)
+    for key, value in attributes.items():
+        output_node.SetAttribute(key, str(value))
+    output_node.SetAttribute("LTDiffPP.source_volume", input_node.GetID())
+    display = input_node.GetDisplayNode()
+    if output_node.GetDisplayNode() is None and display is not None:
+        output_node.CreateDefaultDisplayNodes()
+        if output_node.GetDisplayNode() is not None:
+            output_node.GetDisplayNode().SetAutoWindowLevel(False)
+            output_node.GetDisplayNode().SetWindowLevel(display.GetWindow(), display.GetLevel())
+    place_beside(scene, output_node, input_node)
+    sh = subject_hierarchy(scene)
+    sh.SetItemAttribute(sh_item(scene, output_node), "LTDiffPP.description", description)
+    return output_node
+
+
 def standardize_volume_node(
     scene: Any,
     input_node: Any,
@@ -72,26 +196,427 @@ def standardize_volume_node(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> Any:
-    """Standardize ``input_node`` into ``output_node`` (a new node in ``scene`` when None); returns it.
+    """Standardize ``input_node`` in THIS process into ``output_node`` (a new node when None); return it.
 
-    The output keeps the input's geometry and parent transform; its name and description say model,
-    kernels, steps and seed. Nothing is created or changed unless the whole volume was converted: a
-    failure or cancel leaves the scene as it was.
+    The output keeps the input's geometry and parent transform, sits beside the input in the subject
+    hierarchy, and its name and description say model, kernels, steps and seed. Nothing is created or
+    changed unless the whole volume was converted: a failure or cancel leaves the scene as it was.
+    (The Slicer module uses :func:`start_standardize_volume_node`, which runs in a worker process.)
     """
+    from .inference import standardize
+    from .modelfile import LoadedModel, load_model
+
+    _check_output_node(input_node, output_node)
     volume = volume_from_node(input_node)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     meta = loaded.metadata
     steps = int(meta["sampling"]["steps"] if steps is None else steps)
     hu = standardize(volume.hu, volume.spacing, loaded, device=device, steps=steps, seed=seed,
                      batch_size=batch_size, progress=progress, cancel=cancel)
-    if output_node is None:
-        name = scene.GenerateUniqueName(f"{input_node.GetName()}_{meta['target_kernel']}")
-        output_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    update_node_from_volume(output_node, volume.with_hu(hu))
-    output_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
-    description = (f"LTDiffPP {meta['source_kernel']} -> {meta['target_kernel']}; model {meta.get('name', '')} "
-                   f"(sha256 {loaded.sha256[:12]}); {meta['sampling']['solver']} {steps} steps; seed {seed}")
-    output_node.SetDescription(description)
-    output_node.SetAttribute("LTDiffPP.model_sha256", loaded.sha256)
-    output_node.SetAttribute("LTDiffPP.source_volume", input_node.GetID())
-    return output_node
+    solver = meta["sampling"]["solver"]
+    return _store_output(scene, input_node, output_node, hu, target_kernel=meta["target_kernel"],
+                         description=_describe_output(meta, loaded.sha256, solver, steps, seed),
+                         attributes={"LTDiffPP.model_sha256": loaded.sha256, "LTDiffPP.steps": steps,
+                                     "LTDiffPP.seed": seed, "LTDiffPP.source_kernel": meta["source_kernel"],
+                                     "LTDiffPP.target_kernel": meta["target_kernel"]})
+
+
+class NodeTask:
+    """A worker job (:class:`~LTDiffPPLib.runner.Job`) whose result goes into MRML nodes on :meth:`finish`.
+
+    Poll it (``state = task.poll()``; ``task.progress``, ``task.message``) from a GUI timer, or block
+    with :meth:`wait`. :meth:`cancel` kills the worker; nothing is added to the scene.
+    """
+
+    def __init__(self, job: Job):
+        self.job = job
+        self._finished = False
+        self._result: Any = None
+
+    @property
+    def state(self) -> str:
+        return self.job.state
+
+    @property
+    def progress(self) -> float:
+        return self.job.progress
+
+    @property
+    def message(self) -> str:
+        return self.job.message
+
+    def start(self) -> NodeTask:
+        self.job.start()
+        return self
+
+    def poll(self) -> str:
+        return self.job.poll()
+
+    def cancel(self) -> None:
+        self.job.cancel()
+
+    def wait(self, timeout: float | None = None, progress: Callable[[float, str], None] | None = None) -> Any:
+        """Block until done and :meth:`finish`; raises :class:`~LTDiffPPLib.runner.JobError` on failure/cancel."""
+        self.job.wait(timeout=timeout, progress=progress)
+        return self.finish()
+
+    def finish(self) -> Any:
+        if not self._finished:
+            try:
+                self._result = self._finish()
+            finally:
+                self.job.cleanup()
+            self._finished = True
+        return self._result
+
+    def _finish(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class VolumeStandardization(NodeTask):
+    """Standardization of a volume node in a worker process; :meth:`finish` returns the output node."""
+
+    def __init__(self, scene: Any, input_node: Any, output_node: Any | None, job: Job):
+        super().__init__(job)
+        self.scene, self.input_node, self.output_node = scene, input_node, output_node
+
+    def _finish(self) -> Any:
+        from .runner import StandardizeJob
+
+        assert isinstance(self.job, StandardizeJob)
+        result = self.job.raise_for_state()
+        if self.scene.GetNodeByID(self.input_node.GetID()) is not self.input_node:
+            raise InputError("the input volume was removed from the scene while it was being standardized")
+        hu = self.job.output_volume().hu
+        if hu.shape != tuple(reversed(self.input_node.GetImageData().GetDimensions())):
+            raise InputError("the input volume changed size while it was being standardized; run again")
+        model = result["model"]
+        self.output_node = _store_output(
+            self.scene, self.input_node, self.output_node, hu, target_kernel=model["target_kernel"],
+            description=result["description"],
+            attributes={"LTDiffPP.model_sha256": model["sha256"], "LTDiffPP.model": model["name"],
+                        "LTDiffPP.steps": result["steps"], "LTDiffPP.seed": result["seed"],
+                        "LTDiffPP.source_kernel": model["source_kernel"],
+                        "LTDiffPP.target_kernel": model["target_kernel"]})
+        return self.output_node
+
+
+def start_standardize_volume_node(scene: Any, input_node: Any, output_node: Any | None = None, model: Any = None,
+                                  *, device: str = "auto", steps: int | None = None, seed: int = 0,
+                                  batch_size: int | None = None, python: str | None = None,
+                                  start: bool = True) -> VolumeStandardization:
+    """Standardize ``input_node`` in a worker process (the GUI stays responsive); returns the running task.
+
+    ``task.wait()`` (scripts) or ``task.poll()`` + ``task.finish()`` (GUI timer) gives the output node:
+    ``output_node`` filled, or a new node beside the input. See :func:`standardize_volume_node`.
+    """
+    from .runner import StandardizeJob
+
+    _check_output_node(input_node, output_node)
+    if steps is not None and int(steps) < 1:
+        raise InputError(f"sampling steps must be >= 1 (or None for the model's default), got {steps}")
+    volume = volume_from_node(input_node)
+    job = StandardizeJob(volume, model, device=device, steps=steps, seed=seed, batch_size=batch_size, python=python)
+    task = VolumeStandardization(scene, input_node, output_node, job)
+    return task.start() if start else task
+
+
+# ---------------------------------------------------------------------------------------- segments
+def segment_rois(scene: Any, segmentation_node: Any, reference_node: Any,
+                 segment_ids: Sequence[str] | None = None) -> tuple[list[Roi], list[str]]:
+    """One ROI per segment, on the voxel grid of ``reference_node`` (overlapping segments each keep all
+    their voxels). Returns (ROIs named by segment, names of segments skipped because they hold no voxel
+    inside the reference volume)."""
+    import slicer
+    import slicer.util
+    import vtk
+
+    from .radiomics import Roi
+
+    if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
+        raise InputError("expected a segmentation node")
+    volume_from_node(reference_node)  # checks it is a usable scalar volume
+    segmentation = segmentation_node.GetSegmentation()
+    if segment_ids is None:
+        ids = vtk.vtkStringArray()
+        segmentation.GetSegmentIDs(ids)
+        segment_ids = [ids.GetValue(i) for i in range(ids.GetNumberOfValues())]
+    if not segment_ids:
+        raise InputError(f"segmentation {segmentation_node.GetName()!r} has no segments")
+    rois, skipped, used = [], [], set()
+    existing_ids = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__LTDiffPP_temp_labelmap__")
+    try:
+        for index, segment_id in enumerate(segment_ids):
+            segment = segmentation.GetSegment(segment_id)
+            if segment is None:
+                raise InputError(f"segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r}")
+            one = vtk.vtkStringArray()
+            one.InsertNextValue(segment_id)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentation_node, one, labelmap, reference_node):
+                raise InputError(f"segment {segment.GetName()!r} could not be converted to a label map")
+            mask = np.asarray(slicer.util.arrayFromVolume(labelmap)) > 0
+            name = segment.GetName() or segment_id
+            if not mask.any():
+                skipped.append(name)
+                continue
+            unique, k = name, 2
+            while unique in used:
+                unique, k = f"{name} ({k})", k + 1
+            used.add(unique)
+            zz, yy, xx = (np.nonzero(mask.any(axis=a))[0] for a in ((1, 2), (0, 2), (0, 1)))
+            box = (slice(zz[0], zz[-1] + 1), slice(yy[0], yy[-1] + 1), slice(xx[0], xx[-1] + 1))
+            rois.append(Roi(name=unique, start=tuple(int(b.start) for b in box), shape=mask[box].shape,
+                            mask=mask[box].copy(), label=index + 1))
+    finally:  # the export also made a display node and a color table for the temporary label map
+        display = labelmap.GetDisplayNode()
+        color = display.GetColorNode() if display is not None else None
+        scene.RemoveNode(labelmap)
+        if display is not None:
+            scene.RemoveNode(display)
+        if color is not None and color.GetID() not in existing_ids:
+            scene.RemoveNode(color)
+    return rois, skipped
+
+
+# -------------------------------------------------------------------------------- tables and plots
+def table_node_from_frame(scene: Any, frame: pd.DataFrame, name: str, *, index_column: str | None = None,
+                          descriptions: Mapping[str, str] | None = None, node: Any | None = None) -> Any:
+    """A ``vtkMRMLTableNode`` holding ``frame`` (its index first, as ``index_column``, when given):
+    numeric columns as double arrays (NaN kept), everything else as strings."""
+    import vtk
+
+    frame = frame.reset_index(names=index_column) if index_column else frame
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    table = node.GetTable()
+    table.Initialize()
+    for column in frame.columns:
+        values = frame[column]
+        if values.dtype.kind in "iuf":
+            array = vtk.vtkDoubleArray()
+            array.SetNumberOfValues(len(values))
+            for i, v in enumerate(values.to_numpy(np.float64)):
+                array.SetValue(i, float(v))
+        else:
+            array = vtk.vtkStringArray()
+            array.SetNumberOfValues(len(values))
+            for i, v in enumerate(values):
+                array.SetValue(i, "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+        array.SetName(str(column))
+        table.AddColumn(array)
+    if hasattr(node, "SetUseColumnNameAsColumnHeader"):
+        node.SetUseColumnNameAsColumnHeader(True)
+    for column, text in (descriptions or {}).items():
+        node.SetColumnDescription(column, text)
+    node.Modified()
+    return node
+
+
+def frame_from_table_node(node: Any) -> pd.DataFrame:
+    """A table node's columns as a DataFrame (double arrays as float, others as str)."""
+    import pandas as pd
+
+    table = node.GetTable()
+    data = {}
+    for c in range(table.GetNumberOfColumns()):
+        array = table.GetColumn(c)
+        n = array.GetNumberOfValues()
+        if array.IsA("vtkDataArray"):
+            data[array.GetName()] = np.array([array.GetValue(i) for i in range(n)], dtype=np.float64)
+        else:
+            data[array.GetName()] = [array.GetValue(i) for i in range(n)]
+    return pd.DataFrame(data)
+
+
+#: distinguishable bar colours (Okabe-Ito), one per method
+_COLORS = ((0.0, 0.447, 0.698), (0.835, 0.369, 0.0), (0.0, 0.620, 0.451), (0.8, 0.475, 0.655),
+           (0.941, 0.894, 0.259), (0.337, 0.706, 0.914), (0.902, 0.624, 0.0), (0.3, 0.3, 0.3))
+
+
+def ccc_bar_chart(scene: Any, ccc_table: Any, methods: Sequence[str], *, reference: str, name: str) -> Any:
+    """A ``vtkMRMLPlotChartNode``: one bar series per method, one bar per class (mean CCC)."""
+    import slicer
+
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(name))
+    chart.SetTitle(f"Radiomic feature concordance with {reference} (Lin's CCC, mean per class)")
+    chart.SetXAxisTitle("feature class")
+    chart.SetYAxisTitle("mean CCC")
+    chart.SetLegendVisibility(True)
+    chart.SetYAxisRangeAuto(False)
+    chart.SetYAxisRange(-0.1, 1.0)
+    for k, method in enumerate(methods):
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{method} CCC"))
+        series.SetAndObserveTableNodeID(ccc_table.GetID())
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
+        series.SetXColumnName("class index")
+        series.SetYColumnName(f"{method}: mean")
+        series.SetLabelColumnName("class")
+        series.SetColor(*_COLORS[k % len(_COLORS)])
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    return chart
+
+
+# ----------------------------------------------------------------------------------- radiomics + CCC
+def feature_frame(features: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per feature (index: full name) with its image type and classes, then one column per
+    (volume, segment): ``"<volume> | <segment>"``."""
+    import pandas as pd
+
+    from .radiomics import feature_table
+
+    names = list(next(iter(features.values())).columns)
+    classes = feature_table(names)
+    out = pd.DataFrame({"image type": classes["image_type"], "class": classes["native_class"],
+                        "paper class": classes["paper_class"].fillna(""), "feature": classes["feature"]},
+                       index=pd.Index(names, name="name"))
+    columns = {f"{volume} | {roi}": table.loc[roi, names].to_numpy(np.float64)
+               for volume, table in features.items() for roi in table.index}
+    return pd.concat([out, pd.DataFrame(columns, index=out.index)], axis=1)
+
+
+def ccc_frame(features: Mapping[str, pd.DataFrame], reference: str, methods: Sequence[str], *,
+              threshold: float = 0.85, min_pairs: int = 3) -> pd.DataFrame:
+    """Lin's CCC of every feature across segments, each method against the reference, summarized per
+    class: rows = the paper's classes, the native classes, 'all'; columns ``class``, ``class index``,
+    ``grouping`` and per method ``<m>: mean``, ``<m>: std``, ``<m>: n``, ``<m>: fraction >= t``.
+    Shape features (identical by design: the ROI is shared) are left out."""
+    import pandas as pd
+
+    from .concordance import ccc_per_feature, summarize_ccc
+    from .radiomics import NATIVE_CLASSES, PAPER_CLASSES, feature_table
+
+    ref = features[reference]
+    classes = feature_table(list(ref.columns))
+    in_ccc = classes.index[classes["in_ccc"]]
+    rows: list[tuple[str, str]] = []
+    per_method: dict[str, pd.DataFrame] = {}
+    for method in methods:
+        ccc = ccc_per_feature(ref[in_ccc], features[method][in_ccc], min_pairs)
+        paper = summarize_ccc(ccc, classes.loc[in_ccc, "paper_class"], threshold)
+        native = summarize_ccc(ccc, classes.loc[in_ccc, "native_class"], threshold)
+        parts = [("paper", paper.loc[[c for c in PAPER_CLASSES if c in paper.index]]),
+                 ("native", native.loc[[c for c in NATIVE_CLASSES if c in native.index]]),
+                 ("all", native.loc[["all"]])]
+        per_method[method] = pd.concat([p for _, p in parts])
+        if not rows:
+            rows = [(g, c) for g, p in parts for c in p.index]
+    out = pd.DataFrame({"class": [c for _, c in rows], "class index": np.arange(len(rows), dtype=np.float64),
+                        "grouping": [g for g, _ in rows]})
+    for method, summary in per_method.items():
+        out[f"{method}: mean"] = summary["mean"].to_numpy()
+        out[f"{method}: std"] = summary["std"].to_numpy()
+        out[f"{method}: n"] = summary["n"].to_numpy(np.float64)
+        out[f"{method}: fraction >= {threshold:g}"] = summary["frac_ge"].to_numpy()
+    return out
+
+
+@dataclass
+class RadiomicsCCCResult:
+    """What :func:`compute_radiomics_ccc` added to the scene (all under one subject-hierarchy folder)."""
+
+    feature_table: Any
+    ccc_table: Any
+    chart: Any
+    folder_item: int
+    features: dict[str, pd.DataFrame] = field(repr=False)
+    ccc: pd.DataFrame = field(repr=False)
+    skipped_segments: list[str]
+
+
+def _unique_names(nodes: Sequence[Any]) -> list[str]:
+    names, seen = [], set()
+    for node in nodes:
+        name = node.GetName() or node.GetID()
+        if name in seen:
+            name = f"{name} [{node.GetID()}]"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+class RadiomicsCCC(NodeTask):
+    """Segment radiomics + CCC in a worker process; :meth:`finish` returns a :class:`RadiomicsCCCResult`."""
+
+    def __init__(self, scene: Any, job: Job, *, segmentation_node: Any, reference_node: Any,
+                 names: dict[str, Any], reference: str, methods: list[str], skipped: list[str],
+                 threshold: float, min_pairs: int):
+        super().__init__(job)
+        self.scene, self.segmentation_node, self.reference_node = scene, segmentation_node, reference_node
+        self.names, self.reference, self.methods, self.skipped = names, reference, methods, skipped
+        self.threshold, self.min_pairs = threshold, min_pairs
+
+    def _finish(self) -> RadiomicsCCCResult:
+        from .runner import RadiomicsJob
+
+        assert isinstance(self.job, RadiomicsJob)
+        features = self.job.features()
+        ccc = ccc_frame(features, self.reference, self.methods, threshold=self.threshold, min_pairs=self.min_pairs)
+        scene, sh = self.scene, subject_hierarchy(self.scene)
+        seg_name = self.segmentation_node.GetName()
+        parent = sh.GetItemParent(sh_item(scene, self.reference_node)) or sh.GetSceneItemID()
+        folder = sh.CreateFolderItem(parent, scene.GenerateUniqueName(f"LTDiffPP radiomics {seg_name}"))
+        feature_node = table_node_from_frame(
+            scene, feature_frame(features), f"{seg_name} radiomic features", index_column="name",
+            descriptions={"name": "PyRadiomics/GOH feature name: <image type>_<class>_<feature>"})
+        ccc_node = table_node_from_frame(
+            scene, ccc, f"{seg_name} CCC per class",
+            descriptions={f"{m}: mean": f"mean Lin's CCC of {m} vs {self.reference} across segments"
+                          for m in self.methods})
+        for node, role in ((feature_node, "features"), (ccc_node, "ccc")):
+            node.SetAttribute("LTDiffPP.role", role)
+            node.SetAttribute("LTDiffPP.reference", self.reference)
+            node.SetAttribute("LTDiffPP.segmentation", self.segmentation_node.GetID())
+        chart = ccc_bar_chart(scene, ccc_node, self.methods, reference=self.reference,
+                              name=f"{seg_name} CCC per class")
+        series = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+        for node in [feature_node, ccc_node, chart, *series]:
+            sh.SetItemParent(sh_item(scene, node), folder)
+        return RadiomicsCCCResult(feature_table=feature_node, ccc_table=ccc_node, chart=chart, folder_item=folder,
+                                  features=features, ccc=ccc, skipped_segments=self.skipped)
+
+
+def start_radiomics_ccc(scene: Any, segmentation_node: Any, volume_nodes: Sequence[Any], reference_node: Any, *,
+                        params: str | None = None, image_types: Mapping[str, Mapping[str, Any]] | None = None,
+                        mode: str | None = None, workers: int | None = None, python: str | None = None,
+                        start: bool = True) -> RadiomicsCCC:
+    """Radiomic features of every segment on every volume and on the reference, then Lin's CCC of each
+    volume against the reference across segments, per feature class; runs in a worker process.
+
+    All volumes must share the reference's voxel grid (e.g. a source volume and its standardized
+    output). ``params`` (parameter file), ``image_types`` (e.g. ``{"Original": {}}``) and ``mode``
+    override the shipped radiomics settings. The result tables and chart land in one new
+    subject-hierarchy folder beside the reference.
+    """
+    from .radiomics import load_params
+    from .runner import RadiomicsJob
+
+    if reference_node is None:
+        raise InputError("choose a reference volume (the real target-kernel image)")
+    volume_nodes = [v for v in volume_nodes if v is not None and v.GetID() != reference_node.GetID()]
+    if not volume_nodes:
+        raise InputError("choose at least one volume to compare with the reference")
+    all_nodes = [reference_node, *volume_nodes]
+    for node in volume_nodes:
+        volume_from_node(node)
+        if not same_grid(node, reference_node):
+            raise InputError(f"volume {node.GetName()!r} is not on the voxel grid of the reference "
+                             f"{reference_node.GetName()!r}; resample it first (e.g. Resample Image (BRAINS))")
+    loaded_params = load_params(params)
+    min_pairs = int(loaded_params.concordance.get("min_pairs", 3))
+    threshold = float(loaded_params.concordance.get("ccc_threshold", 0.85))
+    rois, skipped = segment_rois(scene, segmentation_node, reference_node)
+    if len(rois) < min_pairs:
+        raise InputError(
+            f"Lin's CCC across segments needs at least {min_pairs} non-empty segments inside the reference "
+            f"volume; {segmentation_node.GetName()!r} has {len(rois)}"
+            + (f" (empty there: {', '.join(skipped)})" if skipped else ""))
+    names = _unique_names(all_nodes)
+    volumes = {name: volume_from_node(node) for name, node in zip(names, all_nodes)}
+    job = RadiomicsJob(volumes, rois, params=params, image_types=image_types, mode=mode, workers=workers,
+                       python=python)
+    task = RadiomicsCCC(scene, job, segmentation_node=segmentation_node, reference_node=reference_node,
+                        names=dict(zip(names, all_nodes)), reference=names[0], methods=names[1:],
+                        skipped=skipped, threshold=threshold, min_pairs=min_pairs)
+    return task.start() if start else task

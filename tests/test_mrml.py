@@ -1,6 +1,9 @@
-"""Volume nodes on real MRML (the slicer-core package, no Slicer application, no mocks)."""
+"""The Slicer module's MRML logic on real MRML (the slicer-core package: real scene, nodes, subject
+hierarchy, segmentations, tables and plots; no Slicer application, no mocks). Worker-process runs are
+real subprocesses with a tiny untrained model."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +16,22 @@ from LTDiffPPLib.phantom import qa_phantom
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (it is in the [test] extras)")
 import vtk  # noqa: E402  (comes with slicer-core)
 
-from LTDiffPPLib.mrml import standardize_volume_node, update_node_from_volume, volume_from_node  # noqa: E402
+from LTDiffPPLib.mrml import (  # noqa: E402
+    ccc_frame,
+    frame_from_table_node,
+    headless_scene,
+    same_grid,
+    segment_rois,
+    sh_item,
+    standardize_volume_node,
+    start_radiomics_ccc,
+    start_standardize_volume_node,
+    subject_hierarchy,
+    table_node_from_frame,
+    update_node_from_volume,
+    volume_from_node,
+)
+from LTDiffPPLib.runner import CANCELLED, JobError  # noqa: E402
 
 
 def _oblique_direction() -> tuple[float, ...]:
@@ -24,7 +42,8 @@ def _oblique_direction() -> tuple[float, ...]:
 
 @pytest.fixture
 def scene():
-    return slicer.vtkMRMLScene()
+    """A headless scene with the logics of colors, subject hierarchy, segmentations, tables, plots."""
+    return headless_scene()
 
 
 @pytest.fixture
@@ -95,3 +114,257 @@ def test_labelmaps_and_empty_nodes_are_refused(scene):
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(InputError, match="no image data"):
         volume_from_node(empty)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _ijk_to_ras(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _volume_node(scene, volume: CTVolume, name: str):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    update_node_from_volume(node, volume)
+    return node
+
+
+def _in_study(scene, node, study_name="Patient 1"):
+    """Put ``node`` into a study folder, as loading DICOM does."""
+    sh = subject_hierarchy(scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient"), study_name)
+    sh.SetItemParent(sh_item(scene, node), study)
+    return study
+
+
+def _segmentation_from_labels(scene, labels: np.ndarray, like: CTVolume, name="organs"):
+    """A real segmentation node, imported from a label map on ``like``'s grid (one segment per label)."""
+    lab = _volume_node_labelmap(scene, labels, like)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lab, seg)
+    scene.RemoveNode(lab)
+    return seg
+
+
+def _volume_node_labelmap(scene, labels: np.ndarray, like: CTVolume):
+    lab = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    update_node_from_volume(lab, like.with_hu(labels))  # geometry
+    slicer.util.updateVolumeFromArray(lab, np.asarray(labels, np.int16))  # integer voxels
+    return lab
+
+
+def _four_segments(shape) -> np.ndarray:
+    labels = np.zeros(shape, np.int16)
+    labels[:, 2:14, 2:14] = 1
+    labels[:, 20:34, 4:16] = 2
+    labels[:, 30:46, 30:46] = 3
+    labels[1, 5:20, 25:40] = 4
+    return labels
+
+
+# ------------------------------------------------------------------------------------------- scene
+def test_headless_scene_has_the_module_logics(scene):
+    assert subject_hierarchy(scene) is not None
+    assert scene.GetFirstNodeByClass("vtkMRMLColorTableNode") is not None  # colors logic ran
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "v")
+    assert sh_item(scene, vol) == sh_item(scene, vol) != 0  # created once, then found
+
+
+# -------------------------------------------------------------------------- standardization (in-process)
+def test_in_process_run_fills_a_given_output_node_beside_the_input(scene, ct, tiny_model):
+    inp = _volume_node(scene, ct, "chest")
+    study = _in_study(scene, inp)
+    out = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "mine")
+    got = standardize_volume_node(scene, inp, out, model=tiny_model, steps=2, seed=3, device="cpu")
+    assert got is out and out.GetName() == "mine"
+    assert subject_hierarchy(scene).GetItemParent(sh_item(scene, out)) == study
+    np.testing.assert_allclose(_ijk_to_ras(out), _ijk_to_ras(inp), atol=1e-9)
+    assert out.GetAttribute("LTDiffPP.target_kernel") == "B70f" and out.GetAttribute("LTDiffPP.seed") == "3"
+    with pytest.raises(InputError, match="differ from the input"):
+        standardize_volume_node(scene, inp, inp, model=tiny_model, steps=2, device="cpu")
+
+
+# ----------------------------------------------------------------------- standardization (worker process)
+def test_worker_run_end_to_end_new_node_beside_input(scene, ct, tiny_model, tiny_model_path):
+    """The path the Slicer module takes: a real worker subprocess, polled; result identical to the
+    in-process conversion, geometry preserved to the voxel, placed and described."""
+    inp = _volume_node(scene, ct, "chest")
+    tf = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    inp.SetAndObserveTransformNodeID(tf.GetID())
+    study = _in_study(scene, inp)
+    before = slicer.util.arrayFromVolume(inp).copy()
+    n_volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    task = start_standardize_volume_node(scene, inp, model=str(tiny_model_path), steps=2, seed=1, device="cpu")
+    seen = []
+    while task.poll() == "running":  # what the widget's QTimer does
+        seen.append(task.progress)
+        assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == n_volumes  # nothing before the end
+        time.sleep(0.05)
+    out = task.finish()
+    assert task.state == "done" and task.progress == 1.0 and seen == sorted(seen)
+    assert out.GetName() == "chest_B70f"
+    for text in ("B30f -> B70f", "tiny-test", "2 steps", "seed 1"):
+        assert text in out.GetDescription()
+    assert out.GetTransformNodeID() == tf.GetID()
+    np.testing.assert_allclose(_ijk_to_ras(out), _ijk_to_ras(inp), atol=1e-9)
+    assert same_grid(out, inp)
+    expected = standardize(ct.hu, ct.spacing, tiny_model, steps=2, seed=1, device="cpu")
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(out), expected)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(inp), before)
+    sh = subject_hierarchy(scene)
+    assert sh.GetItemParent(sh_item(scene, out)) == study
+    assert sh.GetItemAttribute(sh_item(scene, out), "LTDiffPP.description") == out.GetDescription()
+    assert not task.job.workdir.exists()  # temporary NRRD files removed
+
+
+def test_cancelled_worker_run_leaves_the_output_untouched(scene, tiny_model_path):
+    big = CTVolume(hu=qa_phantom((24, 64, 64), spacing_mm=3.0, seed=1), spacing=(0.7, 0.7, 2.0),
+                   origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0))
+    inp = _volume_node(scene, big, "chest")
+    out = _volume_node(scene, big.with_hu(np.full(big.hu.shape, 7.0, np.float32)), "previous result")
+    n_nodes = scene.GetNumberOfNodes()
+    task = start_standardize_volume_node(scene, inp, out, model=str(tiny_model_path), steps=50, device="cpu")
+    deadline = time.monotonic() + 120
+    while task.poll() == "running" and task.progress == 0.0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert task.state == "running", task.job.error
+    task.cancel()
+    assert task.state == CANCELLED and task.job._proc.poll() is not None
+    with pytest.raises(JobError, match="cancelled") as info:
+        task.finish()
+    assert info.value.kind == "Cancelled"
+    assert scene.GetNumberOfNodes() == n_nodes
+    assert (slicer.util.arrayFromVolume(out) == 7.0).all()  # not half-filled
+    assert not task.job.workdir.exists()
+
+
+def test_failed_worker_run_says_why_and_adds_no_node(scene, ct, tmp_path):
+    inp = _volume_node(scene, ct, "chest")
+    bogus = tmp_path / "not-a-model.safetensors"
+    bogus.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    n_nodes = scene.GetNumberOfNodes()
+    task = start_standardize_volume_node(scene, inp, model=str(bogus), steps=2, device="cpu")
+    with pytest.raises(JobError, match="not-a-model.safetensors") as info:
+        task.wait(timeout=120)
+    assert info.value.kind == "ModelFileError"
+    assert scene.GetNumberOfNodes() == n_nodes
+    with pytest.raises(InputError, match=">= 1"):
+        start_standardize_volume_node(scene, inp, model=str(bogus), steps=0)
+
+
+# ----------------------------------------------------------------------------------------- segments
+def test_segments_become_rois_on_the_reference_grid(scene, ct):
+    ref_vol = CTVolume(hu=qa_phantom((3, 48, 48), spacing_mm=4.0, seed=2), spacing=(0.7, 0.75, 2.5),
+                       origin=(-10.0, 20.0, 30.0), direction=_oblique_direction())
+    ref = _volume_node(scene, ref_vol, "ref")
+    labels = _four_segments(ref_vol.hu.shape)
+    seg = _segmentation_from_labels(scene, labels, ref_vol)
+    # an overlapping segment (a second import adds segments) and one outside the reference volume
+    overlap = np.zeros_like(labels)
+    overlap[:, 8:24, 8:24] = 1
+    lab = _volume_node_labelmap(scene, overlap, ref_vol)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lab, seg)
+    far = _volume_node_labelmap(scene, np.ones((2, 4, 4)), CTVolume(
+        hu=np.zeros((2, 4, 4)), spacing=(1, 1, 1), origin=(500.0, 500.0, 500.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(far, seg)
+    n_before = scene.GetNumberOfNodes()
+    rois, skipped = segment_rois(scene, seg, ref)
+    assert scene.GetNumberOfNodes() == n_before  # the temporary label map is removed
+    assert len(rois) == 5 and len(skipped) == 1
+    expected = [labels == v for v in (1, 2, 3, 4)] + [overlap == 1]
+    for roi, mask in zip(rois, expected):
+        full = np.zeros(labels.shape, bool)
+        full[roi.slices] = roi.box_mask()
+        np.testing.assert_array_equal(full, mask)
+    assert len({r.name for r in rois}) == 5
+
+
+# --------------------------------------------------------------------------------------- tables
+def test_table_node_round_trip(scene):
+    import pandas as pd
+
+    frame = pd.DataFrame({"class": ["GLCM", "all"], "n": [3, 4], "mean": [0.5, np.nan], "note": [None, "x"]})
+    node = table_node_from_frame(scene, frame, "t")
+    back = frame_from_table_node(node)
+    assert list(back.columns) == ["class", "n", "mean", "note"]
+    assert back["class"].tolist() == ["GLCM", "all"] and back["note"].tolist() == ["", "x"]
+    np.testing.assert_array_equal(back["n"], [3.0, 4.0])
+    assert back["mean"][0] == 0.5 and np.isnan(back["mean"][1])
+
+
+def test_ccc_frame_identical_images_concord_perfectly():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    names = ["original_glcm_Contrast", "original_firstorder_Mean", "original_firstorder_Entropy",
+             "original_shape2D_Elongation"]
+    ref = pd.DataFrame(rng.normal(size=(5, 4)), columns=names, index=[f"s{i}" for i in range(5)])
+    ccc = ccc_frame({"ref": ref, "same": ref.copy(), "shifted": ref + 10.0}, "ref", ["same", "shifted"])
+    row = ccc.set_index("class")
+    assert row.loc["all", "same: mean"] == pytest.approx(1.0) and row.loc["all", "same: n"] == 3  # shape left out
+    assert row.loc["all", "shifted: mean"] < 0.1
+    assert {"GLCM", "ID", "IH", "glcm", "firstorder", "all"} <= set(row.index)
+
+
+# ------------------------------------------------------------------------------------ radiomics + CCC
+def test_radiomics_ccc_on_a_real_segmentation(scene):
+    """Segment features of three volumes in a worker process, CCC tables, chart, one SH folder."""
+    vol = CTVolume(hu=qa_phantom((3, 48, 48), spacing_mm=4.0, seed=4), spacing=(0.7, 0.75, 2.5),
+                   origin=(-10.0, 20.0, 30.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0))
+    ref = _volume_node(scene, vol, "reference B70f")
+    study = _in_study(scene, ref)
+    rng = np.random.default_rng(0)
+    noisy = _volume_node(scene, vol.with_hu(vol.hu + rng.normal(0, 40, vol.hu.shape)), "noisy")
+    copy = _volume_node(scene, vol, "copy")
+    labels = _four_segments(vol.hu.shape)
+    seg = _segmentation_from_labels(scene, labels, vol)
+    task = start_radiomics_ccc(scene, seg, [noisy, copy, ref], ref, image_types={"Original": {}}, workers=1)
+    fractions = []
+    result = task.wait(timeout=300, progress=lambda f, m: fractions.append(f))
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+
+    features = frame_from_table_node(result.feature_table)
+    ref_mean = features.set_index("name").loc["original_firstorder_Mean"]
+    for value in (1, 2, 3, 4):  # an independent oracle: the mean HU of each segment's voxels
+        name = seg.GetSegmentation().GetNthSegment(value - 1).GetName()
+        assert ref_mean[f"reference B70f | {name}"] == pytest.approx(vol.hu[labels == value].mean(), rel=1e-5)
+    assert {"name", "image type", "class", "paper class"} <= set(features.columns)
+
+    ccc = frame_from_table_node(result.ccc_table).set_index("class")
+    assert ccc.loc["all", "copy: mean"] == pytest.approx(1.0)
+    assert ccc.loc["all", "noisy: mean"] < 0.99
+    assert list(ccc.index[:6]) == ["GOH", "GLCM", "GLRLM", "ID", "IH", "NID"]
+
+    chart = result.chart
+    assert chart.IsA("vtkMRMLPlotChartNode") and chart.GetNumberOfPlotSeriesNodes() == 2
+    for i, method in enumerate(["noisy", "copy"]):
+        series = chart.GetNthPlotSeriesNode(i)
+        assert series.GetPlotType() == slicer.vtkMRMLPlotSeriesNode.PlotTypeBar
+        assert series.GetTableNode() is result.ccc_table
+        assert series.GetYColumnName() == f"{method}: mean" and series.GetLabelColumnName() == "class"
+    sh = subject_hierarchy(scene)
+    folder = result.folder_item
+    assert sh.GetItemParent(folder) == study
+    for node in (result.feature_table, result.ccc_table, chart, chart.GetNthPlotSeriesNode(0)):
+        assert sh.GetItemParent(sh_item(scene, node)) == folder
+    assert not task.job.workdir.exists()
+
+
+def test_radiomics_ccc_refuses_what_it_cannot_measure(scene):
+    vol = CTVolume(hu=qa_phantom((3, 48, 48), spacing_mm=4.0, seed=4), spacing=(0.7, 0.75, 2.5),
+                   origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0))
+    ref = _volume_node(scene, vol, "ref")
+    labels = _four_segments(vol.hu.shape)
+    two = _segmentation_from_labels(scene, np.where(labels <= 2, labels, 0), vol, "two")
+    other = _volume_node(scene, vol, "shifted")
+    other.SetOrigin(5.0, 0.0, 0.0)
+    same = _volume_node(scene, vol, "same grid")
+    four = _segmentation_from_labels(scene, labels, vol, "four")
+    n_nodes = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="at least 3 non-empty segments"):
+        start_radiomics_ccc(scene, two, [same], ref)
+    with pytest.raises(InputError, match="not on the voxel grid"):
+        start_radiomics_ccc(scene, four, [other], ref)
+    with pytest.raises(InputError, match="at least one volume"):
+        start_radiomics_ccc(scene, four, [ref], ref)
+    assert scene.GetNumberOfNodes() == n_nodes  # refused before anything was added

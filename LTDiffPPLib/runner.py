@@ -1,0 +1,607 @@
+"""Long LTDiffPP work in a worker subprocess: progress, cancel, clean failure. Qt-free.
+
+The 3D Slicer module must stay responsive while a volume is standardized (minutes on a CPU) and while
+radiomic features are extracted, so both run in a separate Python process (``PythonSlicer`` inside
+Slicer, ``sys.executable`` elsewhere)::
+
+    job = StandardizeJob(volume, model="/path/model.safetensors", steps=10, seed=0).start()
+    while job.poll() == RUNNING:        # Slicer polls from a QTimer; scripts call job.wait()
+        print(job.progress, job.message)
+    hu = job.output_volume().hu         # only after DONE; raises JobError after FAILED / CANCELLED
+
+Protocol: the worker (``python -m LTDiffPPLib.runner standardize|radiomics ...``) prints one JSON object
+per line on stdout, prefixed with ``@@LTDIFFPP ``: ``{"event": "progress", "done": d, "total": n}``,
+``{"event": "log", "message": ...}``, ``{"event": "done", ...}`` or ``{"event": "error", "kind": ...,
+"message": ...}``. Other output lines are kept as log; stderr goes to a file whose tail is quoted
+when the worker dies without saying why.
+
+Guarantees: inputs and outputs live in a private temporary folder that is deleted when the job ends
+(:meth:`Job.cleanup`, also called by :meth:`Job.wait` and on cancel); the worker writes its output
+atomically and the caller reads it only after the ``done`` event AND exit status 0, so a cancelled or
+failed run never yields a half-written result. :meth:`Job.cancel` kills the worker's whole process
+group (POSIX; the process tree on Windows), i.e. the worker and every child it started (e.g. feature
+extraction processes). The worker also exits when its parent goes away (its stdin closes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import Cancelled, InputError, LTDiffPPError
+
+PREFIX = "@@LTDIFFPP "
+RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+NOT_STARTED = "not started"
+#: the folder that holds the LTDiffPPLib package (put on the worker's PYTHONPATH)
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+
+
+class JobError(LTDiffPPError):
+    """A worker job failed or was cancelled; ``kind`` names the worker's exception type (or 'Cancelled',
+    'WorkerDied')."""
+
+    def __init__(self, message: str, kind: str = "JobError"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def python_executable() -> str:
+    """The Python to run workers with: ``PythonSlicer`` inside 3D Slicer (whose ``sys.executable`` is the
+    Slicer application itself), else this interpreter. ``LTDIFFPP_PYTHON`` overrides both."""
+    override = os.environ.get("LTDIFFPP_PYTHON")
+    if override:
+        return override
+    exe = Path(sys.executable)
+    if "slicer" in exe.name.lower() and "python" not in exe.name.lower():
+        for candidate in (exe.parent / "PythonSlicer", exe.parent / "PythonSlicer.exe",
+                          shutil.which("PythonSlicer")):
+            if candidate and Path(candidate).is_file():
+                return str(candidate)
+    return sys.executable
+
+
+def parse_requirements(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(distribution name, full requirement line) for every requirement in a requirements file."""
+    out = []
+    for raw in Path(path).read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        name = re.split(r"[\s<>=!~;\[]", line, maxsplit=1)[0]
+        out.append((name, line))
+    return out
+
+
+def missing_requirements(path: str | os.PathLike) -> list[str]:
+    """Requirement lines of ``path`` that this Python does not satisfy (absent, or a version outside the
+    specifier when the ``packaging`` module is there to compare)."""
+    from importlib import metadata
+
+    missing = []
+    for name, line in parse_requirements(path):
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(line)
+            continue
+        try:
+            from packaging.requirements import Requirement
+        except ImportError:  # cannot compare versions: presence is enough
+            continue
+        req = Requirement(line)
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            missing.append(line)
+    return missing
+
+
+def _emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(PREFIX + json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def _kill_tree(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """Terminate ``proc`` and every process in its process group; SIGKILL what is left after ``grace_s``."""
+    if proc.poll() is not None and os.name != "nt":
+        # the leader is gone but children in its group may live on
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return
+    if os.name == "nt":  # pragma: no cover - Windows only
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True)
+        proc.wait()
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # children that ignored SIGTERM, or outlived the leader
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------- job
+class Job:
+    """A worker subprocess speaking the ``@@LTDIFFPP`` JSON-lines protocol.
+
+    ``state`` is one of ``"not started"``, ``"running"``, ``"done"``, ``"failed"``, ``"cancelled"``;
+    ``progress`` a fraction in [0, 1]; ``message`` the last status line; ``result`` the ``done`` event;
+    ``error`` the failure message. Not thread-safe: call ``poll``/``wait``/``cancel`` from one thread.
+    """
+
+    def __init__(self, args: Sequence[str], *, workdir: str | os.PathLike | None = None,
+                 python: str | None = None, env: Mapping[str, str] | None = None, title: str = "LTDiffPP job"):
+        self.args = [str(a) for a in args]
+        self.python = python or python_executable()
+        self.title = title
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="ltdiffpp-job-"))
+        self._env = dict(env or {})
+        self.state = NOT_STARTED
+        self.progress = 0.0
+        self.message = ""
+        self.result: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.error_kind: str | None = None
+        self.log: list[str] = []
+        self.returncode: int | None = None
+        self.started_at: float | None = None
+        self._proc: subprocess.Popen | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
+        self._stderr_file = None
+        self._stdout_closed = False
+
+    # -------------------------------------------------------------------------------- lifecycle
+    @property
+    def command(self) -> list[str]:
+        return [self.python, *self.args]
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def start(self) -> Job:
+        if self.state != NOT_STARTED:
+            raise RuntimeError(f"{self.title} was already started")
+        env = dict(os.environ)
+        env.update(self._env)
+        env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT)] + [p for p in [env.get("PYTHONPATH")] if p])
+        env["PYTHONUNBUFFERED"] = "1"
+        self._stderr_file = open(self.workdir / "stderr.log", "w+b")  # noqa: SIM115 - closed in cleanup
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":  # pragma: no cover
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True  # own process group: cancel kills the worker AND its children
+        self._proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr_file, cwd=str(self.workdir), env=env, **kwargs)
+        self.state = RUNNING
+        self.started_at = time.monotonic()
+        self.message = f"{self.title}: starting"
+        self._reader = threading.Thread(target=self._read_stdout, name="ltdiffpp-job-reader", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read_stdout(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            self._lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        self._lines.put(None)
+
+    def _handle(self, line: str) -> None:
+        if not line.startswith(PREFIX):
+            if line.strip():
+                self.log.append(line)
+            return
+        try:
+            event = json.loads(line[len(PREFIX):])
+        except json.JSONDecodeError:
+            self.log.append(line)
+            return
+        kind = event.get("event")
+        if kind == "progress":
+            total = float(event.get("total") or 0)
+            self.progress = min(1.0, max(0.0, float(event.get("done", 0)) / total)) if total > 0 else 0.0
+            if event.get("message"):
+                self.message = str(event["message"])
+        elif kind == "log":
+            self.message = str(event.get("message", ""))
+            self.log.append(self.message)
+        elif kind == "done":
+            self.result = event
+        elif kind == "error":
+            self.error_kind = str(event.get("kind", "Error"))
+            self.error = str(event.get("message", "unknown error"))
+
+    def poll(self) -> str:
+        """Take in what the worker said so far; return the state (never blocks)."""
+        if self.state != RUNNING:
+            return self.state
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._stdout_closed = True
+                break
+            self._handle(line)
+        assert self._proc is not None
+        if self._stdout_closed and self._proc.poll() is not None:
+            self._finish(self._proc.returncode)
+        return self.state
+
+    def _finish(self, returncode: int) -> None:
+        self.returncode = returncode
+        if returncode == 0 and self.result is not None:
+            self.state = DONE
+            self.progress = 1.0
+            self.message = self.result.get("message") or f"{self.title}: done"
+            return
+        self.state = FAILED
+        if self.error is None:
+            self.error_kind = "WorkerDied"
+            tail = self.stderr_tail()
+            self.error = (f"{self.title}: the worker process exited with status {returncode} without a result"
+                          + (f"; its last output:\n{tail}" if tail else ""))
+        self.message = f"{self.title} failed: {self.error}"
+        self._remove_workdir()
+
+    def wait(self, timeout: float | None = None, progress: Callable[[float, str], None] | None = None,
+             interval: float = 0.05) -> dict[str, Any]:
+        """Block until the job ends; return the ``done`` event, or raise :class:`JobError` (failure,
+        cancel, or ``timeout`` seconds passed, which cancels the job). ``progress(fraction, message)``
+        is called whenever either changes."""
+        if self.state == NOT_STARTED:
+            self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        try:
+            while self.poll() == RUNNING:
+                if progress is not None and (self.progress, self.message) != last:
+                    last = (self.progress, self.message)
+                    progress(*last)
+                if deadline is not None and time.monotonic() > deadline:
+                    self.cancel()
+                    raise JobError(f"{self.title} timed out after {timeout} s and was cancelled", "Timeout")
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        if progress is not None and (self.progress, self.message) != last:
+            progress(self.progress, self.message)
+        return self.raise_for_state()
+
+    def raise_for_state(self) -> dict[str, Any]:
+        if self.state == DONE:
+            assert self.result is not None
+            return self.result
+        if self.state == CANCELLED:
+            raise JobError(f"{self.title} was cancelled; no output was written", "Cancelled")
+        if self.state == FAILED:
+            raise JobError(self.error or f"{self.title} failed", self.error_kind or "JobError")
+        raise JobError(f"{self.title} is {self.state}", "NotFinished")
+
+    def cancel(self) -> None:
+        """Kill the worker and all its children; the job becomes CANCELLED and its files are removed."""
+        if self.state == NOT_STARTED:
+            self.state = CANCELLED
+            self._remove_workdir()
+            return
+        if self.state != RUNNING:
+            return
+        assert self._proc is not None
+        _kill_tree(self._proc)
+        self.returncode = self._proc.returncode
+        self.state = CANCELLED
+        self.message = f"{self.title}: cancelled; no output was written"
+        self._remove_workdir()
+
+    def stderr_tail(self, n_chars: int = 2000) -> str:
+        if self._stderr_file is None or self._stderr_file.closed:
+            return ""
+        self._stderr_file.flush()
+        self._stderr_file.seek(0)
+        text = self._stderr_file.read().decode("utf-8", "replace")
+        return text[-n_chars:].strip()
+
+    def _remove_workdir(self) -> None:
+        if self._proc is not None and self._proc.stdin is not None and not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+        if self._stderr_file is not None and not self._stderr_file.closed:
+            self._stderr_file.close()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        """Delete the job's temporary files (kills the worker first if it still runs)."""
+        if self.state == RUNNING:
+            self.cancel()
+        self._remove_workdir()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cleanup()
+
+
+# ------------------------------------------------------------------------------------ standardize
+class StandardizeJob(Job):
+    """Standardize a :class:`~LTDiffPPLib.io.CTVolume` (or an image file) in a worker process.
+
+    ``model``: registry name, ``.safetensors`` path, a :class:`~LTDiffPPLib.modelfile.LoadedModel` (its
+    file is used) or None (the registry's default). After :data:`DONE`, :meth:`output_volume` reads
+    the result and deletes the temporary files; ``result`` holds ``description``, ``model`` (name,
+    sha256, kernels), ``steps``, ``solver``, ``seed``, ``seconds``.
+    """
+
+    def __init__(self, volume: Any, model: Any = None, *, device: str = "auto", steps: int | None = None,
+                 solver: str | None = None, seed: int = 0, batch_size: int | None = None, ensemble: int = 1,
+                 python: str | None = None, env: Mapping[str, str] | None = None):
+        from .io import CTVolume
+
+        model_arg = getattr(model, "path", model)
+        workdir = Path(tempfile.mkdtemp(prefix="ltdiffpp-standardize-"))
+        try:
+            if isinstance(volume, CTVolume):
+                input_path = workdir / "input.nrrd"
+                _write_nrrd(volume, input_path)
+            else:
+                input_path = Path(volume)
+                if not input_path.exists():
+                    raise InputError(f"{input_path}: input image not found")
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        self.output_path = workdir / "output.nrrd"
+        args = ["-m", "LTDiffPPLib.runner", "standardize", str(input_path), str(self.output_path),
+                "--device", device, "--seed", str(int(seed)), "--ensemble", str(int(ensemble)), "--watch-stdin"]
+        if model_arg is not None:
+            args += ["--model", str(model_arg)]
+        if steps is not None:
+            args += ["--steps", str(int(steps))]
+        if solver is not None:
+            args += ["--solver", solver]
+        if batch_size is not None:
+            args += ["--batch-size", str(int(batch_size))]
+        super().__init__(args, workdir=workdir, python=python, env=env, title="Standardization")
+        self._own_workdir = True
+
+    def output_volume(self):
+        """The standardized CTVolume (after DONE); raises :class:`JobError` otherwise."""
+        from .io import read_image
+
+        self.raise_for_state()
+        try:
+            return read_image(self.output_path)
+        finally:
+            self._remove_workdir()
+
+
+def _write_nrrd(volume: Any, path: Path) -> None:
+    """Uncompressed NRRD (fast for large temporary volumes), geometry exact."""
+    import SimpleITK as sitk
+
+    from .io import to_sitk
+
+    sitk.WriteImage(to_sitk(volume), str(path), useCompression=False)
+
+
+# --------------------------------------------------------------------------------------- radiomics
+class RadiomicsJob(Job):
+    """Radiomic features of the same ROIs in several volumes, in a worker process.
+
+    ``volumes``: name → CTVolume (all on one grid); ``rois``: :class:`~LTDiffPPLib.radiomics.Roi` list;
+    ``params``: parameter file path (default: the shipped one); ``image_types`` (e.g. ``{"Original": {}}``)
+    and ``mode`` ('2d'/'3d') override it. After :data:`DONE`, :meth:`features` returns name → DataFrame.
+    """
+
+    def __init__(self, volumes: Mapping[str, Any], rois: Sequence[Any], *, params: str | os.PathLike | None = None,
+                 image_types: Mapping[str, Mapping[str, Any]] | None = None, mode: str | None = None,
+                 workers: int | None = None, python: str | None = None, env: Mapping[str, str] | None = None):
+        if not volumes:
+            raise InputError("no volumes to extract features from")
+        if not rois:
+            raise InputError("no ROIs to extract features from")
+        workdir = Path(tempfile.mkdtemp(prefix="ltdiffpp-radiomics-"))
+        try:
+            spec: dict[str, Any] = {"volumes": {}, "params": None if params is None else str(params),
+                                    "image_types": None if image_types is None else dict(image_types),
+                                    "mode": mode, "workers": workers}
+            for i, (name, volume) in enumerate(volumes.items()):
+                path = workdir / f"volume{i}.nrrd"
+                _write_nrrd(volume, path)
+                spec["volumes"][name] = str(path)
+            arrays = {}
+            spec["rois"] = []
+            for i, roi in enumerate(rois):
+                spec["rois"].append({"name": roi.name, "start": list(map(int, roi.start)),
+                                     "shape": list(map(int, roi.shape)), "label": roi.label,
+                                     "stratum": roi.stratum, "reference_mean": roi.reference_mean})
+                arrays[f"mask{i}"] = roi.box_mask().astype(bool)
+            np.savez_compressed(workdir / "rois.npz", **arrays)
+            (workdir / "spec.json").write_text(json.dumps(spec))
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        self.out_dir = workdir / "features"
+        args = ["-m", "LTDiffPPLib.runner", "radiomics", str(workdir / "spec.json"), str(self.out_dir),
+                "--watch-stdin"]
+        super().__init__(args, workdir=workdir, python=python, env=env, title="Radiomics")
+        self._own_workdir = True
+
+    def features(self):
+        """name → DataFrame (rows: ROIs, columns: features), after DONE."""
+        import pandas as pd
+
+        result = self.raise_for_state()
+        try:
+            return {name: pd.read_csv(path, index_col="roi") for name, path in result["tables"].items()}
+        finally:
+            self._remove_workdir()
+
+
+# ------------------------------------------------------------------------------------------ worker
+def _watch_parent() -> None:
+    """Exit when the parent closes our stdin (it was cancelled, or died)."""
+    def watch() -> None:
+        try:  # the raw descriptor, not sys.stdin: a thread blocked in a buffered read hangs shutdown
+            while os.read(0, 1024):
+                pass
+        except (OSError, ValueError):
+            pass
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class _Throttle:
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.last = 0.0
+
+    def __call__(self, done: float, total: float, message: str = "", force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.interval or done >= total:
+            self.last = now
+            _emit("progress", done=float(done), total=float(total), message=message)
+
+
+def _work_standardize(a: argparse.Namespace) -> None:
+    from .inference import pick_device, standardize
+    from .io import read_image, write_image
+    from .modelfile import load_model
+
+    t0 = time.perf_counter()
+    _emit("log", message="Loading the model")
+    model = load_model(a.model)
+    meta = model.metadata
+    steps = int(meta["sampling"]["steps"] if a.steps is None else a.steps)
+    solver = a.solver or meta["sampling"]["solver"]
+    volume = read_image(a.input)
+    device = str(pick_device(a.device))
+    n = volume.hu.shape[0]
+    throttle = _Throttle()
+    message = f"Standardizing {n} slices on {device}"
+    _emit("log", message=message)
+    throttle(0, n, message, force=True)
+    hu = standardize(volume.hu, volume.spacing, model, device=a.device, steps=steps, solver=solver, seed=a.seed,
+                     batch_size=a.batch_size, ensemble=a.ensemble,
+                     progress=lambda done, total: throttle(done, total, message))
+    write_image(volume.with_hu(hu), a.output)
+    seconds = time.perf_counter() - t0
+    name = meta.get("name") or model.path.stem
+    description = (f"LTDiffPP {meta['source_kernel']} -> {meta['target_kernel']}; model {name} "
+                   f"(sha256 {model.sha256[:12]}); {solver} {steps} steps; seed {a.seed}"
+                   + (f"; ensemble {a.ensemble}" if a.ensemble > 1 else ""))
+    _emit("done", output=str(a.output), description=description, steps=steps, solver=solver, seed=a.seed,
+          device=device, seconds=round(seconds, 2),
+          model={"name": name, "sha256": model.sha256, "path": str(model.path),
+                 "source_kernel": meta["source_kernel"], "target_kernel": meta["target_kernel"]},
+          message=f"Done: {n} slices in {seconds:.1f} s on {device}")
+
+
+def _work_radiomics(a: argparse.Namespace) -> None:
+    from .io import atomic_output, read_image
+    from .radiomics import Roi, extract_features_many, load_params
+
+    spec = json.loads(Path(a.spec).read_text())
+    params = load_params(spec.get("params"))
+    if spec.get("image_types"):
+        params = params.with_image_types(spec["image_types"])
+    if spec.get("mode"):
+        params = params.with_mode(spec["mode"])
+    masks = np.load(Path(a.spec).parent / "rois.npz")
+    rois = [Roi(name=r["name"], start=tuple(r["start"]), shape=tuple(r["shape"]), mask=masks[f"mask{i}"],
+                label=r.get("label"), stratum=r.get("stratum"), reference_mean=r.get("reference_mean"))
+            for i, r in enumerate(spec["rois"])]
+    volumes = {name: read_image(path) for name, path in spec["volumes"].items()}
+    total = len(rois) * len(volumes)
+    message = f"Radiomics: {len(rois)} ROIs x {len(volumes)} volumes"
+    _emit("log", message=message)
+    _emit("progress", done=0, total=total, message=message)
+    tables = extract_features_many(volumes, rois, params, workers=spec.get("workers"),
+                                   progress=lambda d, t: _emit("progress", done=d, total=t, message=message))
+    out = Path(a.out_dir)
+    with atomic_output(out, is_dir=True) as tmp:
+        for i, table in enumerate(tables.values()):
+            table.to_csv(tmp / f"features{i}.csv", index_label="roi")
+    _emit("done", tables={name: str(out / f"features{i}.csv") for i, name in enumerate(tables)},
+          message=f"Done: {total} ROI feature sets")
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """Entry point of the worker process (``python -m LTDiffPPLib.runner ...``)."""
+    p = argparse.ArgumentParser(prog="python -m LTDiffPPLib.runner",
+                                description="LTDiffPP worker process (JSON-lines progress on stdout)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("standardize")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--model")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--solver")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--ensemble", type=int, default=1)
+    s.set_defaults(func=_work_standardize)
+    r = sub.add_parser("radiomics")
+    r.add_argument("spec")
+    r.add_argument("out_dir")
+    r.set_defaults(func=_work_radiomics)
+    for sp in (s, r):
+        sp.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (the parent is gone)")
+    a = p.parse_args(argv)
+    if a.watch_stdin:
+        _watch_parent()
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    try:
+        a.func(a)
+    except Cancelled as exc:
+        _emit("error", kind="Cancelled", message=str(exc))
+        return 130
+    except LTDiffPPError as exc:
+        _emit("error", kind=type(exc).__name__, message=str(exc))
+        return 2
+    except Exception as exc:  # anything else: say what, keep the traceback on stderr
+        import traceback
+
+        traceback.print_exc()
+        _emit("error", kind=type(exc).__name__, message=f"{type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
