@@ -1,194 +1,489 @@
-"""3D Slicer module: standardize the reconstruction kernel of a CT volume with LTDiff++.
+"""3D Slicer module: standardize the reconstruction kernel of a CT volume with LTDiff++, and measure the
+radiomic concordance (Lin's CCC) of segments against a reference-kernel volume.
 
-A thin widget over :class:`LTDiffPPLogic`; all MRML and model work lives in the Qt-free ``LTDiffPPLib``
-package (``LTDiffPPLib.mrml``), which is tested headless on real MRML nodes.
+A thin widget (``Resources/UI/LTDiffPP.ui``, bound to :class:`LTDiffPPParameterNode`) over
+:class:`LTDiffPPLogic`. All MRML and model work lives in the Qt-free ``LTDiffPPLib`` package
+(``LTDiffPPLib.mrml`` and ``LTDiffPPLib.runner``), tested headless on real MRML nodes; long work runs in
+a PythonSlicer worker process, so the GUI stays responsive and Cancel kills the worker.
 
 Python console::
 
     logic = slicer.util.getModuleLogic("LTDiffPP")
     out = logic.standardize(slicer.util.getNode("CT"), model="/path/model.safetensors", steps=10, seed=0)
+    features, ccc = logic.computeRadiomicsCCC(segmentation, [ct, out], reference)
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import sys
-import threading
+from typing import Annotated
 
 import qt
 import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
 
 # Installed extension: LTDiffPPLib sits beside this file. Development ("Add module path" pointing at
 # LTDiffPP/): it sits one folder up, in the repository root.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _candidate in (_HERE, os.path.dirname(_HERE)):
-    if os.path.isdir(os.path.join(_candidate, "LTDiffPPLib")) and _candidate not in sys.path:
-        sys.path.insert(0, _candidate)
+    if os.path.isdir(os.path.join(_candidate, "LTDiffPPLib")):
+        if _candidate not in sys.path:
+            sys.path.insert(0, _candidate)
         break
 
-#: Python packages LTDiffPPLib needs beyond Slicer's own (torch comes through the PyTorch extension)
-REQUIREMENTS = {"safetensors": "safetensors>=0.4", "pydicom": "pydicom>=2.4", "tqdm": "tqdm>=4.60"}
+#: Python packages the worker needs beyond Slicer's own; torch comes from the PyTorch extension
+REQUIREMENTS_FILE = os.path.join(_HERE, "Resources", "requirements.txt")
+TORCH_REQUIREMENT = ">=2.4"
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+SCRIPTING_HELP = """
+<pre>logic = slicer.util.getModuleLogic("LTDiffPP")
+out = logic.standardize(ctNode, model=None, device="auto", steps=None, seed=0)
+features, ccc = logic.computeRadiomicsCCC(segmentationNode, [ctNode, out], referenceNode)</pre>
+"""
+
+
+#
+# LTDiffPP
+#
 
 
 class LTDiffPP(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "LTDiffPP"
-        self.parent.categories = ["Filtering"]
+        self.parent.title = _("LTDiffPP")
+        self.parent.categories = [_("Filtering")]
         self.parent.dependencies = []
         self.parent.contributors = ["LTDiffPP developers"]
-        self.parent.helpText = (
-            "Converts a CT reconstructed with a non-standard kernel (e.g. Siemens Br40) into the standard kernel "
-            "(e.g. Bl64) with LTDiff++, a multiscale latent diffusion model: a UNet++ autoencoder with deep "
-            "supervision and a conditional diffusion model in its latent space. Radiomic features of the "
-            "converted image agree better with those of the real standard-kernel image.<br>"
-            "Select a CT volume and a model file, then Apply. Scripting: "
-            "<code>slicer.util.getModuleLogic('LTDiffPP').standardize(volumeNode, model=path)</code>."
-        )
-        self.parent.acknowledgementText = (
+        self.parent.helpText = _(
+            "Converts a CT reconstructed with a non-standard kernel (e.g. a smooth B30f) into the standard "
+            "kernel of the model (e.g. a sharp B70f) with LTDiff++, a multiscale latent diffusion model: a UNet++ "
+            "autoencoder with deep supervision and a conditional diffusion model in its latent space. Radiomic "
+            "features of the converted image agree better with those of a real standard-kernel image.<br>"
+            "Select a CT volume and a model, then Apply (the work runs in a separate process; Apply turns into "
+            "Cancel). The optional section compares radiomic features of segments on the input, the output and "
+            "a reference volume with Lin's concordance correlation coefficient (CCC).<br>"
+            "Scripting from the Python console:") + SCRIPTING_HELP + _(
+            "See <a href='https://github.com/ltdiffpp/LTDiffPP/blob/main/docs/SLICER.md'>docs/SLICER.md</a>.")
+        self.parent.acknowledgementText = _(
             "Method: Selim et al., 'Multiscale Latent Diffusion Model for Enhanced Feature Extraction from "
             "Medical Images' (LTDiff++), building on UNet++ (Zhou et al., DLMIA 2018) and latent diffusion "
-            "for CT standardization (Selim et al., arXiv:2310.05237)."
-        )
+            "for CT kernel standardization (Selim et al., arXiv:2310.05237). Radiomic features: PyRadiomics "
+            "(van Griethuysen et al., Cancer Research 2017). Concordance: Lin, Biometrics 1989.")
 
 
-class LTDiffPPWidget(ScriptedLoadableModuleWidget):
-    """Input volume, output volume, model file, steps, seed; Apply turns into Cancel while running."""
+#
+# LTDiffPPParameterNode
+#
 
-    def setup(self):
+
+@parameterNodeWrapper
+class LTDiffPPParameterNode:
+    """The module's state, saved with the scene. ``model``: registry name or model file path ("" = the
+    registry's default); ``steps`` 0 = the model's default."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    model: str = ""
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    steps: Annotated[int, WithinRange(0, 1000)] = 0
+    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
+    segmentation: vtkMRMLSegmentationNode
+    referenceVolume: vtkMRMLScalarVolumeNode
+    quickRadiomics: bool = False
+
+
+#
+# LTDiffPPWidget
+#
+
+
+class LTDiffPPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin GUI: binds the .ui to the parameter node, starts worker tasks through the logic, polls them."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._task = None  # the running LTDiffPPLib.mrml.NodeTask
+        self._taskKind = None  # "standardize" or "radiomics"
+        self._timer = None
+
+    def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LTDiffPP.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LTDiffPPLogic()
-        self._cancel = None
-        form = qt.QFormLayout()
-        self.layout.addLayout(form)
 
-        self.inputSelector = slicer.qMRMLNodeComboBox()
-        self.inputSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-        self.inputSelector.addEnabled = False
-        self.inputSelector.removeEnabled = False
-        self.inputSelector.setMRMLScene(slicer.mrmlScene)
-        self.inputSelector.setToolTip("CT volume reconstructed with the model's source kernel")
-        form.addRow("Input volume:", self.inputSelector)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self._onTimer)
 
-        self.outputSelector = slicer.qMRMLNodeComboBox()
-        self.outputSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-        self.outputSelector.addEnabled = True
-        self.outputSelector.renameEnabled = True
-        self.outputSelector.noneEnabled = True
-        self.outputSelector.noneDisplay = "(create new volume)"
-        self.outputSelector.setMRMLScene(slicer.mrmlScene)
-        form.addRow("Output volume:", self.outputSelector)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.modelEdit = qt.QLineEdit()
-        self.modelEdit.placeholderText = "registered model name or .safetensors file (empty: default model)"
-        form.addRow("Model:", self.modelEdit)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.radiomicsButton.connect("clicked(bool)", self.onRadiomicsButton)
+        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self._populateModels()
+        self.initializeParameterNode()
 
-        self.stepsSpin = qt.QSpinBox()
-        self.stepsSpin.setRange(0, 200)
-        self.stepsSpin.specialValueText = "model default"
-        form.addRow("Sampling steps:", self.stepsSpin)
+    def cleanup(self) -> None:
+        self._cancelTask()
+        self.removeObservers()
 
-        self.seedSpin = qt.QSpinBox()
-        self.seedSpin.setRange(0, 2**31 - 1)
-        form.addRow("Seed:", self.seedSpin)
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self.ui.deviceInfoLabel.text = self.logic.deviceAvailabilityText()
 
-        self.applyButton = qt.QPushButton("Apply")
-        self.applyButton.connect("clicked(bool)", self.onApply)
-        form.addRow(self.applyButton)
-        self.progressBar = qt.QProgressBar()
-        self.progressBar.setRange(0, 1000)
-        form.addRow(self.progressBar)
-        self.statusLabel = qt.QLabel("")
-        self.statusLabel.wordWrap = True
-        form.addRow(self.statusLabel)
-        self.layout.addStretch(1)
+    def exit(self) -> None:
+        # the running task keeps being polled: leaving the module does not stop a run
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
-    def onApply(self):
-        if self._cancel is not None:  # running: the button is "Cancel"
-            self._cancel.set()
-            self.statusLabel.text = "Cancelling…"
-            return
-        if not self.logic.checkDependencies():
-            return
-        self._cancel = threading.Event()
-        self.applyButton.text = "Cancel"
-        self.statusLabel.text = "Standardizing…"
+    def onSceneStartClose(self, caller, event) -> None:
+        self._cancelTask()
+        self.setParameterNode(None)
 
-        def progress(done, total):
-            self.progressBar.value = int(1000 * done / max(total, 1))
-            slicer.app.processEvents()  # keeps the GUI (and the Cancel button) responsive
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
 
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._showModel(self._parameterNode.model)
+            self._updateButtons()
+
+    # ------------------------------------------------------------------------------------- model choice
+    def _populateModels(self) -> None:
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
         try:
-            from LTDiffPPLib.errors import Cancelled
+            entries, default = self.logic.availableModels()
+        except Exception as exc:  # an unreadable registry must not break the panel
+            entries, default = [], None
+            self.ui.modelInfoLabel.text = str(exc)
+        for entry in entries:
+            mark = _(" (default)") if entry["name"] == default else ""
+            combo.addItem(f"{entry['name']}{mark}: {entry['source_kernel']} \u2192 {entry['target_kernel']}",
+                          entry["name"])
+        if not entries:
+            combo.addItem(_("(no model shipped yet: load a model file)"), "")
+        combo.blockSignals(wasBlocked)
 
-            out = self.logic.standardize(
-                self.inputSelector.currentNode(), self.outputSelector.currentNode(),
-                model=self.modelEdit.text.strip() or None, steps=self.stepsSpin.value or None,
-                seed=self.seedSpin.value, progress=progress, cancel=self._cancel,
-            )
-            self.outputSelector.setCurrentNode(out)
-            slicer.util.setSliceViewerLayers(background=out, fit=True)
-            self.statusLabel.text = out.GetDescription()
-        except Cancelled:
-            self.statusLabel.text = "Cancelled; no output was written."
+    def _showModel(self, model: str) -> None:
+        """Select ``model`` (registry name or file path) in the combo box, adding a file entry if needed."""
+        combo = self.ui.modelComboBox
+        index = combo.findData(model)
+        if index < 0 and model:
+            combo.addItem(os.path.basename(model), model)
+            index = combo.findData(model)
+        wasBlocked = combo.blockSignals(True)
+        combo.currentIndex = max(index, 0)
+        combo.blockSignals(wasBlocked)
+        self.ui.modelInfoLabel.text = self.logic.modelInfoText(combo.itemData(combo.currentIndex) or None)
+
+    def onModelSelected(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
+        self.ui.modelInfoLabel.text = self.logic.modelInfoText(self.ui.modelComboBox.itemData(index) or None)
+
+    def onLoadModelButton(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Load an LTDiffPP model"), "",
+                                              _("LTDiffPP model (*.safetensors)"))
+        if path and self._parameterNode:
+            self._parameterNode.model = path
+            self._showModel(path)
+
+    # ------------------------------------------------------------------------------------------- buttons
+    def _updateButtons(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        running = self._task is not None
+        self.ui.applyButton.text = _("Cancel") if self._taskKind == "standardize" else _("Apply")
+        self.ui.applyButton.enabled = (self._taskKind == "standardize") or (not running and bool(p and p.inputVolume))
+        self.ui.radiomicsButton.text = (_("Cancel") if self._taskKind == "radiomics"
+                                        else _("Compute radiomics and CCC"))
+        ready = bool(p and p.segmentation and p.referenceVolume and (p.inputVolume or p.outputVolume))
+        self.ui.radiomicsButton.enabled = (self._taskKind == "radiomics") or (not running and ready)
+
+    def onApplyButton(self) -> None:
+        if self._taskKind == "standardize":
+            self._cancelTask()
+            return
+        p = self._parameterNode
+        if not self.logic.checkDependencies():
+            self.ui.statusLabel.text = _("Missing dependencies; see the message.")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start the standardization."), waitCursor=True):
+            task = self.logic.standardize(p.inputVolume, p.outputVolume, model=p.model or None, device=p.device,
+                                          steps=p.steps or None, seed=p.seed, waitForCompletion=False)
+            self._startPolling(task, "standardize")
+
+    def onRadiomicsButton(self) -> None:
+        if self._taskKind == "radiomics":
+            self._cancelTask()
+            return
+        p = self._parameterNode
+        if not self.logic.checkDependencies(radiomics=True):
+            self.ui.statusLabel.text = _("Missing dependencies; see the message.")
+            return
+        volumes = [v for v in (p.inputVolume, p.outputVolume) if v is not None]
+        with slicer.util.tryWithErrorDisplay(_("Could not start the radiomics computation."), waitCursor=True):
+            task = self.logic.computeRadiomicsCCC(p.segmentation, volumes, p.referenceVolume,
+                                                  imageTypes={"Original": {}} if p.quickRadiomics else None,
+                                                  waitForCompletion=False)
+            self._startPolling(task, "radiomics")
+
+    # ---------------------------------------------------------------------------------------- polling
+    def _startPolling(self, task, kind: str) -> None:
+        self._task, self._taskKind = task, kind
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = task.message
+        self._updateButtons()
+        self._timer.start()
+
+    def _onTimer(self) -> None:
+        task = self._task
+        if task is None:
+            self._timer.stop()
+            return
+        state = task.poll()
+        self.ui.progressBar.value = int(1000 * task.progress)
+        self.ui.statusLabel.text = task.message
+        if state == "running":
+            return
+        self._timer.stop()
+        kind = self._taskKind
+        self._task, self._taskKind = None, None
+        try:
+            result = task.finish()
         except Exception as exc:
-            self.statusLabel.text = f"Failed: {exc}"
-            slicer.util.errorDisplay(f"Standardization failed:\n{exc}")
+            self.ui.progressBar.value = 0
+            if getattr(exc, "kind", None) == "Cancelled":
+                self.ui.statusLabel.text = _("Cancelled; nothing was written.")
+            else:
+                self.ui.statusLabel.text = _("Failed: {error}").format(error=exc)
+                slicer.util.errorDisplay(_("LTDiffPP failed:\n{error}").format(error=exc))
+        else:
+            if kind == "standardize":
+                self._parameterNode.outputVolume = result
+                slicer.util.setSliceViewerLayers(background=result, fit=True)
+                self.ui.statusLabel.text = f"{task.message}\n{result.GetName()}: {result.GetDescription()}"
+            else:
+                self.logic.showRadiomicsResult(result)
+                skipped = (_(" Empty segments skipped: {names}.").format(names=", ".join(result.skipped_segments))
+                           if result.skipped_segments else "")
+                self.ui.statusLabel.text = _("Radiomics and CCC tables are in the subject hierarchy.") + skipped
         finally:
-            self._cancel = None
-            self.applyButton.text = "Apply"
-            self.progressBar.value = 0
+            self._updateButtons()
+
+    def _cancelTask(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._onTimer()  # reports "Cancelled" and restores the buttons
+
+
+#
+# LTDiffPPLogic
+#
 
 
 class LTDiffPPLogic(ScriptedLoadableModuleLogic):
-    """Usable from the Python console; works on the application's scene."""
+    """Usable from the Python console and from other modules; works on ``slicer.mrmlScene``.
 
-    def checkDependencies(self) -> bool:
-        """Offer to install what LTDiffPPLib needs (torch via the PyTorch extension); True when all present."""
+    The MRML work itself is in ``LTDiffPPLib.mrml`` (scene passed explicitly), tested without Slicer.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._deviceText = None
+
+    def getParameterNode(self):
+        return LTDiffPPParameterNode(super().getParameterNode())
+
+    # ------------------------------------------------------------------------------------ information
+    @staticmethod
+    def availableModels():
+        """(registry entries as dicts, name of the default model); torch is not needed."""
+        from LTDiffPPLib.runner import list_models
+
+        return list_models()
+
+    @staticmethod
+    def modelInfoText(model) -> str:
+        from LTDiffPPLib.runner import list_models, model_summary
+
+        if not model:
+            _entries, default = list_models()
+            if default is None:
+                return _("No model is shipped yet: load a model file (.safetensors).")
+            model = default
         try:
-            import torch  # noqa: F401
-        except ImportError:
+            s = model_summary(model)
+        except Exception as exc:
+            return str(exc)
+        text = f"{s['source_kernel']} \u2192 {s['target_kernel']}; {s['steps']} steps by default"
+        if s["untrained"]:
+            text += _("; UNTRAINED model (random weights): output is not a kernel conversion")
+        return text
+
+    def deviceAvailabilityText(self) -> str:
+        """What 'auto' will use, without installing anything (torch is imported only if present)."""
+        if self._deviceText is None:
+            if importlib.util.find_spec("torch") is None:
+                return _("PyTorch not installed yet (offered on the first Apply)")
+            try:
+                import torch
+
+                found = ["CPU"]
+                if torch.cuda.is_available():
+                    found.insert(0, f"CUDA: {torch.cuda.get_device_name(0)}")
+                mps = getattr(torch.backends, "mps", None)
+                if mps is not None and mps.is_available():
+                    found.insert(0, "Apple MPS")
+                self._deviceText = _("available: {devices}").format(devices=", ".join(found))
+            except Exception as exc:  # a broken torch install: say so, do not break the panel
+                self._deviceText = _("PyTorch cannot be imported: {error}").format(error=exc)
+        return self._deviceText
+
+    # ----------------------------------------------------------------------------------- dependencies
+    def checkDependencies(self, radiomics: bool = False, askConfirmation: bool = True) -> bool:
+        """Make sure the worker can run: torch (installed through the PyTorch extension's PyTorchUtils,
+        with confirmation), the packages of Resources/requirements.txt (pip, with confirmation), and for
+        radiomics PyRadiomics from the SlicerRadiomics extension. True when everything is there."""
+        from LTDiffPPLib.runner import missing_requirements
+
+        if importlib.util.find_spec("torch") is None:
             try:
                 import PyTorchUtils
             except ImportError:
-                slicer.util.errorDisplay("LTDiffPP needs PyTorch: install the 'PyTorch' extension from the "
-                                         "Extension Manager, restart Slicer, and try again.")
+                slicer.util.errorDisplay(_(
+                    "LTDiffPP needs PyTorch. Install the 'PyTorch' extension from the Extension Manager, "
+                    "restart Slicer, and click Apply again."))
                 return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
-                return False
-        missing = [spec for module, spec in REQUIREMENTS.items() if not _importable(module)]
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                if torchLogic.installTorch(askConfirmation=askConfirmation,
+                                           torchVersionRequirement=TORCH_REQUIREMENT) is None:
+                    return False
+            self._deviceText = None
+        missing = missing_requirements(REQUIREMENTS_FILE)
         if missing:
-            if not slicer.util.confirmOkCancelDisplay(f"LTDiffPP needs these Python packages: {', '.join(missing)}. "
-                                                      "Install them now?"):
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    _("LTDiffPP needs these Python packages: {packages}. Install them now?").format(
+                        packages=", ".join(missing))):
                 return False
-            slicer.util.pip_install(" ".join(missing))
+            with slicer.util.displayPythonShell(), slicer.util.WaitCursor():
+                slicer.util.pip_install(missing)
+        if radiomics and importlib.util.find_spec("radiomics") is None:
+            slicer.util.errorDisplay(_(
+                "Radiomics needs PyRadiomics, which comes with the 'SlicerRadiomics' extension. Install "
+                "SlicerRadiomics from the Extension Manager, restart Slicer, and try again."))
+            return False
         return True
 
+    # -------------------------------------------------------------------------------------------- work
     def standardize(self, inputVolumeNode, outputVolumeNode=None, model=None, device="auto", steps=None, seed=0,
-                    progress=None, cancel=None):
-        """Standardize ``inputVolumeNode``; returns the output node (a new one when none is given)."""
-        from LTDiffPPLib.mrml import standardize_volume_node
+                    waitForCompletion=True, progress=None):
+        """Standardize ``inputVolumeNode`` in a worker process.
 
-        return standardize_volume_node(slicer.mrmlScene, inputVolumeNode, outputVolumeNode, model, device=device,
-                                       steps=steps, seed=seed, progress=progress, cancel=cancel)
+        ``model``: registry name, ``.safetensors`` path or None (the registry's default); ``steps`` None =
+        the model's default. With ``waitForCompletion`` returns the output node (``outputVolumeNode``
+        filled, or a new volume beside the input), calling ``progress(fraction, message)`` meanwhile;
+        otherwise returns the running task (``poll()``, ``progress``, ``message``, ``cancel()``,
+        ``finish()`` → node). A failed or cancelled run raises and leaves the scene as it was.
+        """
+        from LTDiffPPLib.mrml import start_standardize_volume_node
+
+        task = start_standardize_volume_node(slicer.mrmlScene, inputVolumeNode, outputVolumeNode, model,
+                                             device=device, steps=steps, seed=seed)
+        if not waitForCompletion:
+            return task
+        return task.wait(progress=self._progressWithEvents(progress))
+
+    def computeRadiomicsCCC(self, segmentationNode, volumeNodes, referenceVolumeNode, imageTypes=None, params=None,
+                            waitForCompletion=True, progress=None):
+        """Radiomic features of every segment on ``volumeNodes`` and ``referenceVolumeNode``, and Lin's CCC
+        of each volume against the reference across segments, per feature class.
+
+        Returns ``(featureTable, cccTable)`` (``vtkMRMLTableNode``; a bar chart of the CCC per class is
+        made too, all in one subject-hierarchy folder), or the running task without
+        ``waitForCompletion`` (its ``finish()`` gives the full result). ``imageTypes`` (e.g.
+        ``{"Original": {}}``) and ``params`` (a parameter file) override the shipped settings.
+        """
+        from LTDiffPPLib.mrml import start_radiomics_ccc
+
+        task = start_radiomics_ccc(slicer.mrmlScene, segmentationNode, volumeNodes, referenceVolumeNode,
+                                   params=params, image_types=imageTypes)
+        if not waitForCompletion:
+            return task
+        result = task.wait(progress=self._progressWithEvents(progress))
+        return result.feature_table, result.ccc_table
+
+    @staticmethod
+    def showRadiomicsResult(result) -> None:
+        """Show the CCC table and chart in a plot + table layout."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetActiveTableID(result.ccc_table.GetID())
+        selection.SetActivePlotChartID(result.chart.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+        slicer.app.applicationLogic().PropagatePlotChartSelection()
+
+    @staticmethod
+    def _progressWithEvents(progress):
+        """Blocking runs inside the application still repaint (and log progress)."""
+        def callback(fraction, message):
+            if progress is not None:
+                progress(fraction, message)
+            if slicer.app is not None:
+                slicer.app.processEvents()
+        return callback
 
 
-def _importable(module: str) -> bool:
-    try:
-        __import__(module)
-        return True
-    except ImportError:
-        return False
+#
+# LTDiffPPTest
+#
 
 
 class LTDiffPPTest(ScriptedLoadableModuleTest):
-    """Self-test in Slicer: a small synthetic CT through a small randomly initialised model."""
+    """Self-test in Slicer: a small synthetic CT through a small randomly initialised model, in the worker."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -196,25 +491,80 @@ class LTDiffPPTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_standardize_synthetic_volume()
+        self.setUp()
+        self.test_cancel_leaves_no_output()
+        self.setUp()
+        self.test_parameter_node_and_gui_binding()
+
+    def _tinyModel(self, folder):
+        from LTDiffPPLib.modelfile import init_model
+        from LTDiffPPLib.models import ModelConfig
+
+        path = os.path.join(folder, "tiny.safetensors")
+        init_model(path, ModelConfig(patch=2, ae_widths=(8, 16), latent_channels=4, den_widths=(8, 16),
+                                     time_dim=16, groups=4), name="tiny-selftest")
+        return path
+
+    def _phantom(self, shape=(2, 64, 64)):
+        from LTDiffPPLib.phantom import qa_phantom
+
+        vol = slicer.util.addVolumeFromArray(qa_phantom(shape, spacing_mm=3.2), name="phantom")
+        vol.SetSpacing(0.8, 0.8, 2.0)
+        vol.SetOrigin(-20.0, 10.0, 5.0)
+        return vol
 
     def test_standardize_synthetic_volume(self):
         import tempfile
 
         import numpy as np
 
-        from LTDiffPPLib.modelfile import init_model, load_model
-        from LTDiffPPLib.models import ModelConfig
-        from LTDiffPPLib.phantom import qa_phantom
-
-        self.delayDisplay("Standardizing a synthetic volume")
-        vol = slicer.util.addVolumeFromArray(qa_phantom((2, 64, 64), spacing_mm=3.2), name="phantom")
-        vol.SetSpacing(0.8, 0.8, 2.0)
+        self.delayDisplay("Standardizing a synthetic volume in a worker process")
+        if not LTDiffPPLogic().checkDependencies(askConfirmation=False):
+            self.skipTest("LTDiffPP's Python dependencies are not installed")
+        vol = self._phantom()
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "tiny.safetensors")
-            init_model(path, ModelConfig(patch=2, ae_widths=(8, 16), latent_channels=4, den_widths=(8, 16),
-                                         time_dim=16, groups=4))
-            out = LTDiffPPLogic().standardize(vol, model=load_model(path), steps=2, device="cpu")
+            fractions = []
+            out = LTDiffPPLogic().standardize(vol, model=self._tinyModel(tmp), steps=2, device="cpu",
+                                              progress=lambda f, m: fractions.append(f))
+        self.assertEqual(fractions[-1], 1.0)
         self.assertEqual(slicer.util.arrayFromVolume(out).shape, (2, 64, 64))
         self.assertEqual(out.GetSpacing(), vol.GetSpacing())
+        self.assertEqual(out.GetOrigin(), vol.GetOrigin())
+        self.assertIn("seed 0", out.GetDescription())
         self.assertTrue(np.isfinite(slicer.util.arrayFromVolume(out)).all())
+        sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+        self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(out)), sh.GetItemParent(sh.GetItemByDataNode(vol)))
         self.delayDisplay("Test passed")
+
+    def test_cancel_leaves_no_output(self):
+        import tempfile
+        import time
+
+        if not LTDiffPPLogic().checkDependencies(askConfirmation=False):
+            self.skipTest("LTDiffPP's Python dependencies are not installed")
+        vol = self._phantom((16, 64, 64))
+        n = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+        with tempfile.TemporaryDirectory() as tmp:
+            task = LTDiffPPLogic().standardize(vol, model=self._tinyModel(tmp), steps=100, device="cpu",
+                                               waitForCompletion=False)
+            deadline = time.time() + 120
+            while task.poll() == "running" and task.progress == 0 and time.time() < deadline:
+                slicer.app.processEvents()
+                time.sleep(0.05)
+            task.cancel()
+        self.assertEqual(task.state, "cancelled")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), n)
+        self.delayDisplay("Cancel test passed")
+
+    def test_parameter_node_and_gui_binding(self):
+        widget = slicer.modules.ltdiffpp.widgetRepresentation().self()
+        vol = self._phantom()
+        parameterNode = widget.logic.getParameterNode()
+        parameterNode.inputVolume = vol
+        parameterNode.steps = 7
+        parameterNode.device = "cpu"
+        self.assertEqual(widget.ui.inputSelector.currentNode(), vol)
+        self.assertEqual(widget.ui.stepsSpinBox.value, 7)
+        self.assertEqual(widget.ui.deviceComboBox.currentText, "cpu")
+        self.assertTrue(widget.ui.applyButton.enabled)
+        logging.info("GUI binding test passed")

@@ -111,6 +111,49 @@ def missing_requirements(path: str | os.PathLike) -> list[str]:
     return missing
 
 
+REGISTRY_PATH = PACKAGE_PARENT / "LTDiffPPLib" / "resources" / "registry.json"
+
+
+def list_models(registry_path: str | os.PathLike | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """The shipped models (registry entries as dicts, each with its ``path``) and the default's name,
+    read without importing torch (for the GUI process). Raises ModelFileError for an unreadable registry."""
+    from .errors import ModelFileError
+
+    path = Path(registry_path) if registry_path is not None else REGISTRY_PATH
+    try:
+        data = json.loads(path.read_text())
+        entries = [dict(e, path=str(path.parent / "models" / e["file"])) for e in data["models"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path}: model registry is unreadable ({exc})") from None
+    return entries, data.get("default")
+
+
+def model_summary(model: str | os.PathLike) -> dict[str, Any]:
+    """Name, kernels, default steps and description of a registered model (by name) or a model file,
+    from the safetensors header alone (no torch, no weights read). Raises ModelFileError."""
+    from .errors import ModelFileError
+
+    entries, _ = list_models()
+    by_name = {e["name"]: e for e in entries}
+    registered = str(model) in by_name
+    path = Path(by_name[str(model)]["path"]) if registered else Path(model)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+        meta = json.loads(header["__metadata__"]["ltdiffpp"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path}: not an LTDiffPP model file ({exc})") from None
+    return {"name": meta.get("name") or path.stem, "path": str(path), "registered": registered,
+            "source_kernel": meta.get("source_kernel", "?"), "target_kernel": meta.get("target_kernel", "?"),
+            "steps": meta.get("sampling", {}).get("steps"), "description": meta.get("description", ""),
+            "untrained": meta.get("training", {}).get("status") == "untrained"}
+
+
 def _emit(event: str, **fields: Any) -> None:
     sys.stdout.write(PREFIX + json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
@@ -168,6 +211,7 @@ class Job:
         self.error: str | None = None
         self.error_kind: str | None = None
         self.log: list[str] = []
+        self.events: list[dict[str, Any]] = []  # every protocol event, in order
         self.returncode: int | None = None
         self.started_at: float | None = None
         self._proc: subprocess.Popen | None = None
@@ -224,6 +268,7 @@ class Job:
             self.log.append(line)
             return
         kind = event.get("event")
+        self.events.append(event)
         if kind == "progress":
             total = float(event.get("total") or 0)
             self.progress = min(1.0, max(0.0, float(event.get("done", 0)) / total)) if total > 0 else 0.0
@@ -485,14 +530,18 @@ def _watch_parent() -> None:
 
 
 class _Throttle:
-    def __init__(self, interval: float = 0.1):
-        self.interval = interval
-        self.last = 0.0
+    """Emit progress at most every ``interval`` s, but always for the first/last value and for every
+    advance of at least ``step`` of the total (so a short run still reports its intermediate steps)."""
+
+    def __init__(self, interval: float = 0.1, step: float = 0.05):
+        self.interval, self.step = interval, step
+        self.last_time, self.last_done = 0.0, None
 
     def __call__(self, done: float, total: float, message: str = "", force: bool = False) -> None:
         now = time.monotonic()
-        if force or now - self.last >= self.interval or done >= total:
-            self.last = now
+        big_step = self.last_done is None or (total > 0 and (done - self.last_done) / total >= self.step)
+        if force or big_step or now - self.last_time >= self.interval or done >= total:
+            self.last_time, self.last_done = now, done
             _emit("progress", done=float(done), total=float(total), message=message)
 
 

@@ -55,9 +55,12 @@ def test_standardize_job_matches_the_in_process_result(volume, tiny_model, tiny_
     assert job.state == "not started" and (job.workdir / "input.nrrd").is_file()
     updates = []
     result = job.wait(timeout=300, progress=lambda fraction, message: updates.append((fraction, message)))
-    fractions = [f for f, _ in updates]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and any(0 < f < 1 for f in fractions)
-    assert any("Standardizing 3 slices on cpu" in m for _, m in updates)
+    fractions = [f for f, _ in updates]  # what the caller saw when polling (events may coalesce)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    reported = [e["done"] / e["total"] for e in job.events if e["event"] == "progress"]  # what the worker said
+    assert reported == sorted(reported) and reported[0] == 0.0 and reported[-1] == 1.0
+    assert any(0 < f < 1 for f in reported)  # 2 sampling steps: halfway is reported
+    assert any("Standardizing 3 slices on cpu" in e.get("message", "") for e in job.events)
     assert result["steps"] == 2 and result["seed"] == 1 and result["model"]["sha256"] == tiny_model.sha256
     assert "B30f -> B70f" in result["description"] and "tiny-test" in result["description"]
     out = job.output_volume()
@@ -211,3 +214,28 @@ def test_python_executable(monkeypatch, tmp_path):
     assert python_executable() == str(app)  # no PythonSlicer found: nothing better to offer
     pythonslicer.write_text("")
     assert python_executable() == str(pythonslicer)
+
+
+def test_model_summary_without_torch(tiny_model_path, tmp_path):
+    """The GUI lists and describes models without importing torch (it may not be installed yet)."""
+    import json
+    import subprocess
+
+    code = ("import json, sys; from LTDiffPPLib.runner import model_summary, list_models; "
+            f"print(json.dumps([model_summary({str(tiny_model_path)!r}), list_models()])); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    summary, (entries, default) = json.loads(out[0])
+    assert out[1] == "False"
+    assert summary["name"] == "tiny-test" and summary["source_kernel"] == "B30f" and summary["target_kernel"] == "B70f"
+    assert summary["untrained"] is True and summary["registered"] is False and summary["steps"] == 10
+    assert isinstance(entries, list)
+    bogus = tmp_path / "x.safetensors"
+    bogus.write_bytes(b"\x80\x04 pickle")
+    from LTDiffPPLib.errors import ModelFileError
+    from LTDiffPPLib.runner import model_summary
+
+    with pytest.raises(ModelFileError, match="not an LTDiffPP model file"):
+        model_summary(bogus)
+    with pytest.raises(ModelFileError, match="not found"):
+        model_summary(tmp_path / "missing.safetensors")
