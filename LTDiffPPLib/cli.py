@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import InputError, LTDiffPPError, OutputError
-from .io import check_output_path, is_image_path, read_volume, write_volume
+from .io import check_output_path, is_image_path, read_volume, software_versions, write_volume
 from .modelfile import load_model, read_metadata, registry, resolve_model, sha256_file
 
 EXIT_USER_ERROR = 2
@@ -141,11 +141,14 @@ def _cmd_standardize(a: argparse.Namespace) -> int:
         bar.close()
     description = (f"LTDiffPP {meta['source_kernel']}->{meta['target_kernel']} ({meta.get('name', model.path.stem)}, "
                    f"{solver} {steps} steps, seed {a.seed})")
+    provenance = {"software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
+                  "model": str(meta.get("name", model.path.stem)), "model_sha256": model.sha256,
+                  "sampling": f"{solver} {steps} steps, seed {a.seed}, ensemble {a.ensemble}"}
     out = write_volume(volume.with_hu(hu), a.output, overwrite=a.overwrite, series_description=description,
-                       convolution_kernel=meta["target_kernel"])
+                       convolution_kernel=meta["target_kernel"], provenance=provenance)
     if not a.quiet:
         dt = time.perf_counter() - t0
-        print(f"wrote {out} ({n} slices, {dt:.1f} s, {dt / n:.2f} s/slice)")
+        print(f"wrote {out} ({n} slices, {dt:.1f} s, {dt / n:.2f} s/slice; model sha256 {model.sha256})")
     return 0
 
 
