@@ -169,7 +169,7 @@ def _kill_tree(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
             pass
         return
     if os.name == "nt":  # pragma: no cover - Windows only
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True)
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True, check=False)
         proc.wait()
         return
     try:

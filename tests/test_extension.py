@@ -314,7 +314,8 @@ def test_console_api_on_a_real_scene(monkeypatch, tiny_model_path):
     ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
     update_node_from_volume(ct, vol)
     logic = module.LTDiffPPLogic()
-    assert "B30f" in logic.modelInfoText(str(tiny_model_path)) and "UNTRAINED" in logic.modelInfoText(str(tiny_model_path))
+    info = logic.modelInfoText(str(tiny_model_path))
+    assert "B30f" in info and "UNTRAINED" in info
     out = logic.standardize(ct, model=str(tiny_model_path), steps=2, seed=0, device="cpu")
     assert out.GetName() == "CT_B70f" and scene.GetNodeByID(out.GetID()) is out
     assert slicer.util.arrayFromVolume(out).shape == (2, 48, 48)

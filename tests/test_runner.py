@@ -225,7 +225,7 @@ def test_model_summary_without_torch(tiny_model_path, tmp_path):
             f"print(json.dumps([model_summary({str(tiny_model_path)!r}), list_models()])); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    summary, (entries, default) = json.loads(out[0])
+    summary, (entries, _default) = json.loads(out[0])
     assert out[1] == "False"
     assert summary["name"] == "tiny-test" and summary["source_kernel"] == "B30f" and summary["target_kernel"] == "B70f"
     assert summary["untrained"] is True and summary["registered"] is False and summary["steps"] == 10
