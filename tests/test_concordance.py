@@ -175,3 +175,22 @@ def test_radial_power_spectrum_frequency_axis_from_spacing():
     image = np.tile(np.cos(2 * np.pi * 0.2 * x), (256, 1))
     f, p = radial_power_spectrum(image, (dx, dx), bin_width=0.02)
     assert abs(f[np.nanargmax(p)] - 0.2) <= 0.01 + 1e-9
+
+
+@settings(max_examples=150, deadline=None)
+@given(paired(3), st.sampled_from([-3.0, -0.5, 0.25, 1.0, 7.0]), st.integers(-1000, 1000), st.randoms())
+def test_ccc_invariant_to_a_shared_affine_map_and_pair_order(xy, scale, shift, rnd):
+    """The same a·v + b applied to both samples, or any reordering of the pairs, leaves CCC unchanged."""
+    x, y = xy
+    c = lin_ccc(x, y)
+    order = list(range(len(x)))
+    rnd.shuffle(order)
+    permuted = lin_ccc(x[order], y[order])
+    mapped = lin_ccc(scale * x + shift, scale * y + shift)
+    if math.isnan(c):
+        assert math.isnan(permuted)
+        return
+    assert permuted == pytest.approx(c, abs=1e-9)
+    if np.isfinite(mapped):
+        assert mapped == pytest.approx(c, abs=1e-6)
+

@@ -445,3 +445,51 @@ def test_failed_writes_leave_nothing(tmp_path, synthetic, monkeypatch):
     with pytest.raises(OutputError, match="disk full"):
         io.write_dicom_series(synthetic, tmp_path / "series", series_description="x", convolution_kernel="")
     assert [p.name for p in tmp_path.iterdir()] == ["v.nrrd"]
+
+
+# ------------------------------------------------------------------------------------------ property-based
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _rotation(q) -> tuple[float, ...]:
+    """A proper rotation matrix (row-major) from a non-zero quaternion."""
+    w, x, y, z = np.asarray(q, float) / np.linalg.norm(q)
+    m = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                  [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                  [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    return tuple(m.ravel())
+
+
+_quaternion = st.tuples(*[st.floats(-1, 1) for _ in range(4)]).filter(lambda q: np.linalg.norm(q) > 0.1)
+_spacing = st.tuples(*[st.floats(0.05, 20.0) for _ in range(3)])
+_origin = st.tuples(*[st.floats(-2000.0, 2000.0) for _ in range(3)])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spacing=_spacing, origin=_origin, q=_quaternion, ext=st.sampled_from([".nrrd", ".mha", ".nii.gz"]))
+def test_image_geometry_round_trip_property(tmp_path_factory, spacing, origin, q, ext):
+    """Any spacing, origin and rotation survives write_image/read_image (NIfTI: float32 precision)."""
+    hu = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) - 1000
+    v = io.CTVolume(hu=hu, spacing=spacing, origin=origin, direction=_rotation(q))
+    back = io.read_image(io.write_image(v, tmp_path_factory.mktemp("geo") / f"v{ext}"))
+    np.testing.assert_array_equal(back.hu, hu)
+    rel = 1e-5 if ext == ".nii.gz" else 1e-12
+    np.testing.assert_allclose(back.spacing, spacing, rtol=rel)
+    np.testing.assert_allclose(back.origin, origin, rtol=0, atol=2000 * rel + 1e-9)
+    np.testing.assert_allclose(back.direction, v.direction, rtol=0, atol=1e-5 if ext == ".nii.gz" else 1e-9)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spacing=_spacing, origin=_origin, q=_quaternion)
+def test_dicom_geometry_round_trip_property(tmp_path_factory, spacing, origin, q):
+    """Any geometry survives write_dicom_series/read_dicom_series to the precision of DICOM decimal strings
+    (16 characters, rounded to 1e-6 mm by the writer)."""
+    hu = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5) - 1000
+    v = io.CTVolume(hu=hu, spacing=spacing, origin=origin, direction=_rotation(q))
+    back = io.read_dicom_series(io.write_dicom_series(v, tmp_path_factory.mktemp("geo") / "s",
+                                                      series_description="p", convolution_kernel=""))
+    np.testing.assert_array_equal(back.hu, hu)
+    np.testing.assert_allclose(back.spacing, spacing, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(back.origin, origin, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(back.direction, v.direction, rtol=0, atol=1e-4)
