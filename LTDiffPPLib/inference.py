@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ def standardize(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     out: np.ndarray | None = None,
+    timings: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Convert a CT volume from the model's source kernel to its target kernel.
 
@@ -75,6 +77,9 @@ def standardize(
         progress: called as ``progress(done_slices, total_slices)`` after every sampling step.
         cancel: when set, the run stops at the next step and raises :class:`Cancelled`.
         out: optional preallocated float32 array (e.g. a ``np.memmap``) of the output shape.
+        timings: when given, seconds spent in each phase are *added* to it under ``"copy"`` (HU
+            normalization, padding, transfers to and from the device, writing into ``out``), ``"encode"``,
+            ``"sample"`` and ``"decode"`` (on a GPU each phase then ends with a synchronization).
 
     Returns:
         float32 array of the input's shape, in HU, clipped to the model's HU range.
@@ -112,14 +117,19 @@ def standardize(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     work_per_batch = ensemble * steps
 
+    def phase(name: str) -> contextlib.AbstractContextManager[None]:
+        return _timed(timings, name, dev) if timings is not None else contextlib.nullcontext()
+
     with torch.inference_mode(), autocast:
         for b0 in range(0, n, batch_size):
             b1 = min(n, b0 + batch_size)
-            x = torch.from_numpy(np.ascontiguousarray(vol[b0:b1])).to(dev)[:, None]
-            x = (x.clamp(hu["min"], hu["max"]) - hu["center"]) / hu["scale"]
-            if ph or pw:
-                x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-            cond = net.encode(x)
+            with phase("copy"):
+                x = torch.from_numpy(np.ascontiguousarray(vol[b0:b1])).to(dev)[:, None]
+                x = (x.clamp(hu["min"], hu["max"]) - hu["center"]) / hu["scale"]
+                if ph or pw:
+                    x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+            with phase("encode"):
+                cond = net.encode(x)
             acc = None
             for k, noise in enumerate(noises):
                 done_before = k * steps
@@ -130,21 +140,43 @@ def standardize(
                     if progress is not None:
                         progress(b0 + (b1 - b0) * (done_before + i) / work_per_batch, n)
 
-                z = sample(
-                    lambda z_t, t: net.predict(z_t, torch.full((z_t.shape[0],), t, device=dev), cond),
-                    noise.expand(b1 - b0, *latent_shape),
-                    steps=steps,
-                    solver=solver,
-                    prediction=cfg.prediction,
-                    schedule=cfg.schedule,
-                    grid=meta["sampling"].get("grid", "logsnr"),
-                    callback=on_step,
-                )
-                y = net.decode(z.to(cond.dtype)).float()
-                acc = y if acc is None else acc + y
-            y = (acc / ensemble)[:, 0, :h, :w] * hu["scale"] + hu["center"]
-            out[b0:b1] = y.clamp(hu["min"], hu["max"]).cpu().numpy()
+                with phase("sample"):
+                    z = sample(
+                        lambda z_t, t: net.predict(z_t, torch.full((z_t.shape[0],), t, device=dev), cond),
+                        noise.expand(b1 - b0, *latent_shape),
+                        steps=steps,
+                        solver=solver,
+                        prediction=cfg.prediction,
+                        schedule=cfg.schedule,
+                        grid=meta["sampling"].get("grid", "logsnr"),
+                        callback=on_step,
+                    )
+                with phase("decode"):
+                    y = net.decode(z.to(cond.dtype)).float()
+                    acc = y if acc is None else acc + y
+            with phase("copy"):
+                y = (acc / ensemble)[:, 0, :h, :w] * hu["scale"] + hu["center"]
+                out[b0:b1] = y.clamp(hu["min"], hu["max"]).cpu().numpy()
     return out[0] if squeeze else out
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str, dev: torch.device) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[name]`` (synchronizing a GPU before and after)."""
+    _sync(dev)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _sync(dev)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type == "mps":
+        torch.mps.synchronize()
 
 
 def _check_volume(volume_hu: Any) -> np.ndarray:

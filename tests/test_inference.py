@@ -139,3 +139,16 @@ def test_spacing_outside_the_trained_range_warns(tiny_model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         standardize(vol, (0.7, 0.7, 5.0), tiny_model, steps=1, device="cpu")
+
+
+def test_timings_accumulate_per_phase_and_change_nothing(volume, tiny_model):
+    import time
+
+    timings = {"encode": 1.0}  # values are added to what is there
+    t0 = time.perf_counter()
+    out = run(volume, tiny_model, batch_size=2, timings=timings)
+    wall = time.perf_counter() - t0
+    assert set(timings) == {"copy", "encode", "sample", "decode"}
+    assert all(v >= 0 for v in timings.values()) and timings["encode"] > 1.0
+    assert sum(timings.values()) - 1.0 <= wall
+    np.testing.assert_array_equal(out, run(volume, tiny_model, batch_size=2))
