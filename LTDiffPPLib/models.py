@@ -33,9 +33,15 @@ __all__ = ["ModelConfig", "LTDiffPPNet", "NestedUNet", "UNetPPAutoencoder", "Lat
 class ModelConfig:
     """Architecture of an LTDiff++ model; stored in every model file's metadata.
 
+    The defaults are the shipped model's (2.3 M parameters, sized to train on a CPU and convert a 512²
+    slice in about a second there); ``Training/configs/large.json`` holds a wider one for GPUs.
+
     ``patch``: pixel-unshuffle factor between the image and the latent grid (latent is H/patch × W/patch).
     ``ae_widths``: channels of the UNet++ levels (one level per entry, each half the previous resolution).
     ``latent_channels``: channels of z.
+    ``ae_linear_path``: a 1×1-convolution shortcut *inside* the encoder (pixels → z) and *inside* the
+    decoder (z → pixels), added to the UNet++ output, so that an invertible latent is learned in few
+    steps (nothing crosses from encoder to decoder but z).
     ``den_widths``: channels of the denoiser UNet levels; ``den_blocks``: residual blocks per level.
     ``den_attention``: self-attention at the denoiser's coarsest level.
     ``prediction``: what the denoiser predicts, ``"v"`` or ``"x0"``.
@@ -43,12 +49,13 @@ class ModelConfig:
     """
 
     patch: int = 4
-    ae_widths: tuple[int, ...] = (32, 64, 128, 128)
-    latent_channels: int = 8
-    den_widths: tuple[int, ...] = (64, 128, 192)
+    ae_widths: tuple[int, ...] = (32, 48, 64)
+    latent_channels: int = 16
+    ae_linear_path: bool = True
+    den_widths: tuple[int, ...] = (48, 96, 96)
     den_blocks: int = 1
-    den_attention: bool = True
-    time_dim: int = 128
+    den_attention: bool = False
+    time_dim: int = 64
     groups: int = 8
     prediction: str = "v"
     schedule: str = "cosine"
@@ -160,13 +167,21 @@ class UNetPPAutoencoder(nn.Module):
         self.patch = cfg.patch
         self.encoder = NestedUNet(p2, cfg.latent_channels, cfg.ae_widths, cfg.groups, deep_supervision=False)
         self.decoder = NestedUNet(cfg.latent_channels, p2, cfg.ae_widths, cfg.groups, deep_supervision=True)
+        self.enc_linear = nn.Conv2d(p2, cfg.latent_channels, 1) if cfg.ae_linear_path else None
+        self.dec_linear = nn.Conv2d(cfg.latent_channels, p2, 1) if cfg.ae_linear_path else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(F.pixel_unshuffle(x, self.patch))[-1]
+        x = F.pixel_unshuffle(x, self.patch)
+        z = self.encoder(x)[-1]
+        return z + self.enc_linear(x) if self.enc_linear is not None else z
 
     def decode(self, z: torch.Tensor) -> list[torch.Tensor]:
         """All deep-supervision outputs, coarsest nested path first; the last one is the full output."""
-        return [F.pixel_shuffle(o, self.patch) for o in self.decoder(z)]
+        outs = self.decoder(z)
+        if self.dec_linear is not None:
+            lin = self.dec_linear(z)
+            outs = [o + lin for o in outs]
+        return [F.pixel_shuffle(o, self.patch) for o in outs]
 
 
 # ------------------------------------------------------------------------------------------- denoiser

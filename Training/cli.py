@@ -2,7 +2,7 @@
 
     python -m Training train --config CONFIG.json --run-dir RUN [--dataset DIR] [--resume auto] [--device auto]
     torchrun --nproc_per_node N -m Training train --config CONFIG.json --run-dir RUN     (DDP)
-    python -m Training export --run-dir RUN --out MODEL.safetensors
+    python -m Training export --run-dir RUN --out MODEL.safetensors [--evaluation RESULTS.json]
     python -m Training init OUT.safetensors [--config MODEL_CONFIG.json] [--seed S]
 """
 
@@ -33,6 +33,7 @@ def _main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export", help="export the latest checkpoint of a run as a model file")
     e.add_argument("--run-dir", required=True)
     e.add_argument("--out", required=True)
+    e.add_argument("--evaluation", help="JSON file of measured results to put in the model card")
     e.add_argument("--overwrite", action="store_true")
     i = sub.add_parser("init", help="write a randomly initialised (untrained) model file")
     i.add_argument("output", help="model file to write (.safetensors)")
@@ -62,7 +63,8 @@ def _main(argv: list[str] | None = None) -> int:
                 print(f"exported {Path(a.run_dir) / a.export}  sha256 {digest}")
             return 0
         trainer = Trainer(TrainConfig.load(Path(a.run_dir) / "config.json"), a.run_dir, device="cpu", resume="auto")
-        digest = trainer.export(a.out, overwrite=a.overwrite)
+        evaluation = json.loads(Path(a.evaluation).read_text()) if a.evaluation else None
+        digest = trainer.export(a.out, overwrite=a.overwrite, evaluation=evaluation)
         print(f"exported {a.out}  sha256 {digest}")
         return 0
     except (LTDiffPPError, ValueError, FileNotFoundError) as exc:

@@ -310,15 +310,19 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- export
 
-    def export(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
-        """Write the EMA model as an LTDiffPP model file with its model card; returns the SHA-256."""
+    def export(self, path: str | os.PathLike, *, overwrite: bool = False, evaluation: dict[str, Any] | None = None) -> str:
+        """Write the EMA model as an LTDiffPP model file with its model card; returns the SHA-256.
+
+        ``evaluation``: measured results (e.g. CCC on validation data, with the command) for the card.
+        """
         meta = dict(self.meta)
-        hw = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine()
+        hw = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"{_cpu_name()}, {torch.get_num_threads()} threads"
         meta["training"] = {
             "status": "trained", "phases": {str(p): self.cfg.phase(p).steps for p in PHASES}, "seed": self.cfg.seed,
             "wall_time_s": round(self.elapsed, 1), "hardware": f"{self.device.type}: {hw} x{self.world}",
             "torch": torch.__version__, "dataset": self.dataset_summary, "config": self.cfg.to_dict(),
             "final": {k: v for k, v in (self.history[-1] if self.history else {}).items()},
+            "evaluation": evaluation or {},
         }
         return save_model(self.ema, path, meta, overwrite=overwrite, weights_dtype=self.cfg.export_weights_dtype)
 
@@ -368,6 +372,17 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=total, initial=self.step, desc=f"phase {phase}", unit="step", leave=True)
+
+
+def _cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _tensorboard_writer(log_dir: Path):

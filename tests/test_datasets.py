@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from LTDiffPPLib.datasets import (
+    _slice_positions,
     load_dataset,
     pair_from_dicom,
     pair_from_files,
@@ -120,6 +121,28 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(InputError, match="same voxel grid"):
         write_dataset([good, bad], tmp_path / "ds")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fixed_splits_override_the_random_ones(tmp_path):
+    pairs = []
+    for i in range(3):
+        pairs += pairs_from_simulation(_vol(1, seed=i), f"p{i}", "B30f", "B70f", workers=1)
+    out = write_dataset(pairs, tmp_path / "ds", val=0, test=0, splits={"p1": "test", "p2": "val"})
+    m = json.loads((out / "manifest.json").read_text())
+    assert [p["split"] for p in m["pairs"]] == ["train", "test", "val"]
+    assert m["split"]["fixed"] == {"p1": "test", "p2": "val"}
+    with pytest.raises(InputError, match="unknown subsets"):
+        write_dataset(pairs, tmp_path / "ds2", splits={"p1": "holdout"})
+
+
+def test_default_recipe_interleaves_slices_with_their_positions():
+    """Training.default_dataset gives each dose every third slice; positions must stay those of the CT."""
+    from Training.default_dataset import _every
+
+    v = _vol(7)
+    part = _every(v, 3, 1)
+    np.testing.assert_array_equal(part.hu, v.hu[1::3])
+    np.testing.assert_allclose(_slice_positions(part), _slice_positions(v)[1::3])
 
 
 def test_manifest_is_plain_json(tmp_path):

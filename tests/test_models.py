@@ -1,5 +1,7 @@
 """The UNet++ autoencoder and the latent denoiser: shapes, configuration, and the no-bypass property."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,10 +9,10 @@ from LTDiffPPLib.models import LTDiffPPNet, ModelConfig
 from conftest import TINY
 
 
-@pytest.fixture(scope="module")
-def net():
+@pytest.fixture(scope="module", params=[False, True], ids=["unet++", "unet++ with linear path"])
+def net(request):
     torch.manual_seed(0)
-    n = LTDiffPPNet(TINY).eval()
+    n = LTDiffPPNet(dataclasses.replace(TINY, ae_linear_path=request.param)).eval()
     torch.nn.init.normal_(n.denoiser.out[-1].weight, std=0.1)  # give the zero-initialised head a signal
     return n
 
@@ -32,8 +34,8 @@ def test_default_architecture_shapes():
     n = LTDiffPPNet(cfg).eval()
     with torch.inference_mode():
         z = n.encode(torch.zeros(1, 1, 64, 64))
-    assert z.shape == (1, 8, 16, 16)
-    assert cfg.spatial_multiple == 32
+    assert z.shape == (1, cfg.latent_channels, 16, 16)
+    assert cfg.spatial_multiple == 16
     assert sum(p.numel() for p in n.parameters()) < 12e6  # keeps a float16 model file under ~25 MB
 
 
@@ -89,7 +91,7 @@ def test_latent_statistics_standardize_the_latent(net):
     x = torch.randn(2, 1, 32, 32)
     with torch.inference_mode():
         raw = net.autoencoder.encode(x)
-        m = LTDiffPPNet(TINY)
+        m = LTDiffPPNet(net.config)
         m.load_state_dict(net.state_dict())
         m.eval().set_latent_stats(raw.mean((0, 2, 3)), raw.std((0, 2, 3)))
         z = m.encode(x)
