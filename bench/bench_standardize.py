@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from LTDiffPPLib import inference
-from LTDiffPPLib.inference import pick_device, standardize
+from LTDiffPPLib.inference import default_batch_size, pick_device, standardize
 from LTDiffPPLib.modelfile import LoadedModel, init_model, load_model
 from LTDiffPPLib.phantom import qa_phantom
 
@@ -171,7 +171,7 @@ def timed_standardize(vol: np.ndarray, model: LoadedModel, dev: torch.device, **
 def sweep(vol: np.ndarray, model: LoadedModel, dev: torch.device, steps: int | None, reps: int) -> list[dict]:
     """Each CPU option against the reference settings: s/slice (best of reps) and max |Δ| in HU."""
     n = vol.shape[0]
-    default_bs = 4 if dev.type == "cpu" else 16
+    default_bs = default_batch_size(dev)
     base_threads = torch.get_num_threads()
 
     @contextlib.contextmanager
@@ -259,7 +259,7 @@ def main() -> int:
         dt, tm = best
         n = a.slices
         res.update({
-            "batch_size": a.batch_size or (16 if dev.type == "cuda" else 4),
+            "batch_size": a.batch_size or default_batch_size(dev),
             "seconds_per_slice": dt / n,
             "phase_seconds_per_slice": {k: v / n for k, v in tm.items()},
             "gflop_per_slice": gflop_slice,

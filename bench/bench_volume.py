@@ -73,7 +73,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     from bench_standardize import get_model, peak_rss_mb, sync
 
-    from LTDiffPPLib.inference import pick_device, standardize
+    from LTDiffPPLib.inference import default_batch_size, pick_device, standardize
     from LTDiffPPLib.io import read_volume, write_volume
 
     dev = pick_device(a.device)
@@ -104,7 +104,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         "model": what,
         "steps": int(a.steps or model.metadata["sampling"]["steps"]),
         "solver": model.metadata["sampling"]["solver"],
-        "batch_size": a.batch_size or (16 if dev.type == "cuda" else 4),
+        "batch_size": a.batch_size or default_batch_size(dev),
         "device": dev.type,
         "torch_threads": torch.get_num_threads(),
         "model_load_s": t_load,

@@ -152,3 +152,13 @@ def test_timings_accumulate_per_phase_and_change_nothing(volume, tiny_model):
     assert all(v >= 0 for v in timings.values()) and timings["encode"] > 1.0
     assert sum(timings.values()) - 1.0 <= wall
     np.testing.assert_array_equal(out, run(volume, tiny_model, batch_size=2))
+
+
+def test_default_cpu_batch_stays_within_0_01_hu_of_the_previous_default(volume, tiny_model):
+    """The CPU default batch size (2, chosen for speed; BENCHMARKS.md) is CCC-neutral vs the old default 4."""
+    import torch
+
+    from LTDiffPPLib.inference import default_batch_size
+
+    assert default_batch_size(torch.device("cpu")) == 2 and default_batch_size(torch.device("cuda")) == 16
+    np.testing.assert_allclose(run(volume, tiny_model), run(volume, tiny_model, batch_size=4), atol=0.01, rtol=0)
