@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     s.add_argument("--solver", choices=["ddim", "dpmpp2m"], help="ODE solver (default: the model's)")
     s.add_argument("--seed", type=int, default=0, help="seed of the shared noise field (default 0)")
-    s.add_argument("--batch-size", type=int, help="slices per batch (default 4 on CPU, 16 on GPU)")
+    s.add_argument("--batch-size", type=int, help="slices per batch (default 2 on CPU, 16 on GPU)")
     s.add_argument("--ensemble", type=int, default=1, help="average K samples (default 1)")
     s.add_argument("--series-uid", help="SeriesInstanceUID to read when the folder holds several series")
     s.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

@@ -67,6 +67,21 @@ def test_three_phases_run_and_export_a_working_model(full_run, tmp_path):
     assert res.shape == vol.shape and np.isfinite(res).all()
 
 
+def test_tensorboard_scalars_and_panels(full_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run = full_run
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"phase1/loss", "phase2/loss", "phase3/nps", "phase3/val_loss"} <= set(tags["scalars"])
+    panels = acc.Images("val/source_converted_target")
+    assert len(panels) >= 3 and panels[-1].width == 3 * panels[-1].height // 2  # 2 rows of 3 patches
+    steps = [e.step for e in acc.Scalars("phase2/loss")]
+    assert min(steps) > 6  # the x axis runs on across phases (phase 1 had 6 steps)
+
+
 def test_resume_after_interruption_gives_identical_weights(full_run, dataset, tmp_path):
     ref, _ = full_run
     run = tmp_path / "run"
