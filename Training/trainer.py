@@ -362,7 +362,7 @@ class Trainer:
             out = self.ema.decode(z0)
         hu = self.meta["hu"]
         lo, hi = (-1350.0 - hu["center"]) / hu["scale"], (150.0 - hu["center"]) / hu["scale"]  # lung window
-        rows = [torch.cat([a[i, 0], b[i, 0], c[i, 0]], dim=1) for i in range(src.shape[0]) for a, b, c in [(src, out, tgt)]]
+        rows = [torch.cat([src[i, 0], out[i, 0], tgt[i, 0]], dim=1) for i in range(src.shape[0])]
         panel = ((torch.cat(rows, dim=0).float().cpu() - lo) / (hi - lo)).clamp(0, 1)
         self.tb.add_image("val/source_converted_target", panel[None], self._global_step(phase))
 
