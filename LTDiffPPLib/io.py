@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import os
+import platform
 import re
 import secrets
 import shutil
@@ -38,7 +39,7 @@ from .errors import InputError, LTDiffPPError, OutputError
 
 __all__ = [
     "HU_LIMITS", "IMAGE_EXTENSIONS", "CTVolume", "DicomSeriesInfo", "atomic_output", "available_memory", "check_memory",
-    "check_output_path", "from_sitk", "is_image_path",
+    "check_output_path", "cpu_name", "from_sitk", "is_image_path",
     "list_dicom_series", "read_dicom_series", "software_versions", "read_image", "read_volume", "resample_inplane", "to_sitk", "write_dicom_series",
     "write_image", "write_volume",
 ]
@@ -875,6 +876,17 @@ def _new_series_dataset(volume: CTVolume, series_description: str, convolution_k
     ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = "1", "0", "HU"
     ds.WindowCenter, ds.WindowWidth = "40", "400"
     return ds
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it, else what ``platform`` knows (for benchmark and model-card records)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def software_versions() -> dict[str, str]:

@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import os
-import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from torch import nn
 
 from LTDiffPPLib.datasets import load_dataset
 from LTDiffPPLib.inference import pick_device
+from LTDiffPPLib.io import cpu_name
 from LTDiffPPLib.modelfile import default_metadata, save_model
 from LTDiffPPLib.models import LTDiffPPNet
 from LTDiffPPLib.sampler import add_noise, sample
@@ -316,7 +316,7 @@ class Trainer:
         ``evaluation``: measured results (e.g. CCC on validation data, with the command) for the card.
         """
         meta = dict(self.meta)
-        hw = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"{_cpu_name()}, {torch.get_num_threads()} threads"
+        hw = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
         meta["training"] = {
             "status": "trained", "phases": {str(p): self.cfg.phase(p).steps for p in PHASES}, "seed": self.cfg.seed,
             "wall_time_s": round(self.elapsed, 1), "hardware": f"{self.device.type}: {hw} x{self.world}",
@@ -372,17 +372,6 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=total, initial=self.step, desc=f"phase {phase}", unit="step", leave=True)
-
-
-def _cpu_name() -> str:
-    """The CPU model (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _tensorboard_writer(log_dir: Path):

@@ -19,20 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from LTDiffPPLib.io import CTVolume, read_volume
+from LTDiffPPLib.io import CTVolume, cpu_name, read_volume
 from LTDiffPPLib.radiomics import extract_features, load_params, square_rois
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paired_kernels" / "test1_B70.mha"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _image(path: str | None) -> tuple[CTVolume, str]:
@@ -66,7 +56,7 @@ def main() -> None:
 
     volume, label = _image(a.image)
     params = load_params()
-    print(f"machine  {_cpu()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}")
+    print(f"machine  {cpu_name()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}")
     print(f"image    {label} {volume.hu.shape}, spacing {volume.spacing[:2]} mm")
     print(f"load     {os.getloadavg()[0]:.2f} (1-min average before)")
     t0 = time.perf_counter()

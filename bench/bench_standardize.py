@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from LTDiffPPLib import inference
 from LTDiffPPLib.inference import default_batch_size, pick_device, standardize
+from LTDiffPPLib.io import cpu_name
 from LTDiffPPLib.modelfile import LoadedModel, init_model, load_model
 from LTDiffPPLib.phantom import qa_phantom
 
@@ -88,16 +89,6 @@ def flops_per_slice(net: torch.nn.Module, size: int = 512) -> dict[str, float]:
             net.decode(z)
         out["decode"] = fc.get_total_flops() / 1e9
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware(dev: torch.device) -> str:

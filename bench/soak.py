@@ -43,16 +43,6 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--volumes", type=int, default=100)
@@ -106,7 +96,7 @@ def main() -> int:
         "rss_mib": {"after_first": rss[0], "after_warmup": rss[warm - 1], "last": rss[-1], "max": max(rss),
                     "growth_after_warmup": growth, "slope_kib_per_volume": slope * 1024},
         "seconds": {"total": total, "per_volume_median": float(np.median(times))},
-        "hardware": f"{cpu_name()}, {__import__('os').cpu_count()} CPUs", "torch": torch.__version__,
+        "hardware": f"{io.cpu_name()}, {__import__('os').cpu_count()} CPUs", "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
     }
     flat = growth <= a.max_growth_mib
