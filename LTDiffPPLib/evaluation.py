@@ -45,7 +45,7 @@ from .io import CTVolume, atomic_output, check_output_path, read_volume
 from .radiomics import (HU_STRATA, NATIVE_CLASSES, PAPER_CLASSES, RadiomicsParams, Roi, body_mask, body_roi,
                         extract_features_many, feature_table, label_rois, load_params, square_rois)
 
-__all__ = ["FOURIER", "COMBAT", "EvaluationResult", "evaluate", "format_tables"]
+__all__ = ["FOURIER", "COMBAT", "EvaluationResult", "class_summary", "evaluate", "format_tables"]
 
 #: names of the baseline rows added when a source image is given
 FOURIER = "Fourier ratio (in-sample)"
@@ -297,7 +297,7 @@ def evaluate(reference: str | Path | CTVolume, candidates: Mapping[str, str | Pa
     ccc = pd.DataFrame({m: ccc_per_feature(features["reference"][in_ccc], features[m][in_ccc], min_pairs)
                         for m in methods})
     rel = pd.DataFrame({m: relative_error(features["reference"][in_ccc], features[m][in_ccc]) for m in methods})
-    summaries = {m: _summary(ccc[m], classes.loc[in_ccc], threshold) for m in methods}
+    summaries = {m: class_summary(ccc[m], classes.loc[in_ccc], threshold) for m in methods}
 
     homogeneous = _homogeneous_patches(ref, roi_list, body, roi_size, seed, params)
     image_metrics, nps_curves, ref_image = _image_metrics(ref, images, body, homogeneous, roi_list, spacing_yx,
@@ -319,15 +319,19 @@ def evaluate(reference: str | Path | CTVolume, candidates: Mapping[str, str | Pa
                             results=results, tables_markdown=markdown, features=features)
 
 
-def _summary(ccc: pd.Series, classes: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """Rows: the paper's six classes (Table I order), the native classes, the image types (filters, in
-    extraction order), then 'all'; column ``grouping`` says which ('paper', 'native', 'image_type', 'all')."""
+def class_summary(ccc: pd.Series, classes: pd.DataFrame, threshold: float, *,
+                  image_types: bool = True) -> pd.DataFrame:
+    """CCC of each feature summarized per class (``summarize_ccc`` columns). Rows: the paper's six classes
+    (Table I order), the native classes, the image types (filters, in extraction order; unless
+    ``image_types`` is False), then 'all'; column ``grouping`` says which ('paper', 'native', 'image_type',
+    'all'). ``classes`` is :func:`~LTDiffPPLib.radiomics.feature_table` of the features in ``ccc``."""
     paper = summarize_ccc(ccc, classes["paper_class"], threshold)
     native = summarize_ccc(ccc, classes["native_class"], threshold)
-    image_type = summarize_ccc(ccc, classes["image_type"], threshold)
     parts = [("paper", paper.loc[[c for c in PAPER_CLASSES if c in paper.index]]),
-             ("native", native.loc[[c for c in NATIVE_CLASSES if c in native.index]]),
-             ("image_type", image_type.drop(index="all")), ("all", native.loc[["all"]])]
+             ("native", native.loc[[c for c in NATIVE_CLASSES if c in native.index]])]
+    if image_types:
+        parts.append(("image_type", summarize_ccc(ccc, classes["image_type"], threshold).drop(index="all")))
+    parts.append(("all", native.loc[["all"]]))
     frame = pd.concat([p for _, p in parts])
     frame.insert(0, "grouping", [g for g, p in parts for _ in range(len(p))])
     return frame

@@ -484,26 +484,19 @@ def ccc_frame(features: Mapping[str, pd.DataFrame], reference: str, methods: Seq
     Shape features (identical by design: the ROI is shared) are left out."""
     import pandas as pd
 
-    from .concordance import ccc_per_feature, summarize_ccc
-    from .radiomics import NATIVE_CLASSES, PAPER_CLASSES, feature_table
+    from .concordance import ccc_per_feature
+    from .evaluation import class_summary
+    from .radiomics import feature_table
 
     ref = features[reference]
     classes = feature_table(list(ref.columns))
     in_ccc = classes.index[classes["in_ccc"]]
-    rows: list[tuple[str, str]] = []
-    per_method: dict[str, pd.DataFrame] = {}
-    for method in methods:
-        ccc = ccc_per_feature(ref[in_ccc], features[method][in_ccc], min_pairs)
-        paper = summarize_ccc(ccc, classes.loc[in_ccc, "paper_class"], threshold)
-        native = summarize_ccc(ccc, classes.loc[in_ccc, "native_class"], threshold)
-        parts = [("paper", paper.loc[[c for c in PAPER_CLASSES if c in paper.index]]),
-                 ("native", native.loc[[c for c in NATIVE_CLASSES if c in native.index]]),
-                 ("all", native.loc[["all"]])]
-        per_method[method] = pd.concat([p for _, p in parts])
-        if not rows:
-            rows = [(g, c) for g, p in parts for c in p.index]
-    out = pd.DataFrame({"class": [c for _, c in rows], "class index": np.arange(len(rows), dtype=np.float64),
-                        "grouping": [g for g, _ in rows]})
+    per_method = {m: class_summary(ccc_per_feature(ref[in_ccc], features[m][in_ccc], min_pairs),
+                                   classes.loc[in_ccc], threshold, image_types=False) for m in methods}
+    first = next(iter(per_method.values()), None)
+    rows = list(first.index) if first is not None else []
+    out = pd.DataFrame({"class": rows, "class index": np.arange(len(rows), dtype=np.float64),
+                        "grouping": list(first["grouping"]) if first is not None else []})
     for method, summary in per_method.items():
         out[f"{method}: mean"] = summary["mean"].to_numpy()
         out[f"{method}: std"] = summary["std"].to_numpy()
