@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from LTDiffPPLib.datasets import Pair, write_dataset
+from LTDiffPPLib.datasets import Pair, pairs_from_simulation, write_dataset
 from LTDiffPPLib.io import CTVolume, read_dicom_series, resample_inplane
 from LTDiffPPLib.phantom import ChestPhantomOptions, chest_phantom_volume
-from LTDiffPPLib.simulation import ScanProtocol, simulate
 
 KERNELS = ("B30f", "B70f")
 PIXEL_MM = 0.7
@@ -37,12 +36,6 @@ PHANTOM_DOSES = (1.0e5, 1.5e5, 2.5e5, 4.0e5)
 PHANTOM_LEVELS_MM = (-80.0, -40.0, 0.0, 40.0, 70.0)  # liver dome … upper lobes (see docs/PHANTOM.md)
 TRAIN_PHANTOMS, VAL_PHANTOMS = 12, 2
 TEST_DOSE = 1.5e5
-
-
-def _pair(volume, patient: str, dose: float, seed: int, workers: int | None) -> Pair:
-    res = simulate(volume, KERNELS, protocol=ScanProtocol(dose=dose), seed=seed, workers=workers)
-    return Pair(patient, res.volumes[KERNELS[0]], res.volumes[KERNELS[1]], "simulated", *KERNELS, dose=dose,
-                provenance=dict(res.provenance))
 
 
 def _every(volume: CTVolume, step: int, start: int) -> CTVolume:
@@ -61,7 +54,7 @@ def build(shared_data: Path, out: Path, *, workers: int | None = None, overwrite
     for j, dose in enumerate(CHEST_DOSES):
         part = _every(chest, len(CHEST_DOSES), j)
         print(f"chest CT: {part.hu.shape[0]} slices at {dose:.3g} photons/ray", flush=True)
-        pairs.append(_pair(part, "philips-chest", dose, 100 + j, workers))
+        pairs += pairs_from_simulation(part, "philips-chest", *KERNELS, doses=(dose,), seed=100 + j, workers=workers)
     splits["philips-chest"] = "train"
     for i in range(TRAIN_PHANTOMS + VAL_PHANTOMS):
         level = PHANTOM_LEVELS_MM[i % len(PHANTOM_LEVELS_MM)]
@@ -69,11 +62,11 @@ def build(shared_data: Path, out: Path, *, workers: int | None = None, overwrite
                                    options=ChestPhantomOptions(z_center_mm=level))
         dose = PHANTOM_DOSES[i % len(PHANTOM_DOSES)]
         print(f"phantom {i}: level {level:+.0f} mm at {dose:.3g} photons/ray", flush=True)
-        pairs.append(_pair(vol, f"phantom-{i}", dose, 200 + i, workers))
+        pairs += pairs_from_simulation(vol, f"phantom-{i}", *KERNELS, doses=(dose,), seed=200 + i, workers=workers)
         splits[f"phantom-{i}"] = "train" if i < TRAIN_PHANTOMS else "val"
     abdomen = resample_inplane(read_dicom_series(shared_data / "chest_ct" / "totalsegmentator_siemens_Br38f"), PIXEL_MM, SIZE)
     print(f"held-out test: Siemens Br38f, {abdomen.hu.shape[0]} slices at {TEST_DOSE:.3g} photons/ray", flush=True)
-    pairs.append(_pair(abdomen, "siemens-br38f", TEST_DOSE, 300, workers))
+    pairs += pairs_from_simulation(abdomen, "siemens-br38f", *KERNELS, doses=(TEST_DOSE,), seed=300, workers=workers)
     splits["siemens-br38f"] = "test"
     return write_dataset(pairs, out, splits=splits, overwrite=overwrite)
 
