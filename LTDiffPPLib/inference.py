@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .errors import Cancelled, InputError
 from .modelfile import LoadedModel, load_model
-from .sampler import SOLVERS, initial_noise, sample
+from .sampler import SOLVERS, initial_noise
 
 ProgressCallback = Callable[[float, int], None]
 """progress(done, total): ``done`` slices (fractional within a batch) out of ``total``."""
@@ -148,16 +148,8 @@ def standardize(
                         progress(b0 + (b1 - b0) * (done_before + i) / work_per_batch, n)
 
                 with phase("sample"):
-                    z = sample(
-                        lambda z_t, t: net.predict(z_t, torch.full((z_t.shape[0],), t, device=dev), cond),
-                        noise.expand(b1 - b0, *latent_shape),
-                        steps=steps,
-                        solver=solver,
-                        prediction=cfg.prediction,
-                        schedule=cfg.schedule,
-                        grid=meta["sampling"].get("grid", "logsnr"),
-                        callback=on_step,
-                    )
+                    z = net.sample_latent(cond, noise.expand(b1 - b0, *latent_shape), steps=steps, solver=solver,
+                                          grid=meta["sampling"].get("grid", "logsnr"), callback=on_step)
                 with phase("decode"):
                     y = net.decode(z.to(cond.dtype)).float()
                     acc = y if acc is None else acc + y

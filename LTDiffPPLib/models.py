@@ -19,6 +19,7 @@ v (or x0; see :mod:`LTDiffPPLib.sampler`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -321,3 +322,13 @@ class LTDiffPPNet(nn.Module):
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Denoiser output (v or x0, per ``config.prediction``) for noisy latent z_t at time t given cond."""
         return self.denoiser(z_t, t, cond)
+
+    def sample_latent(self, cond: torch.Tensor, noise: torch.Tensor, *, steps: int, solver: str = "dpmpp2m",
+                      grid: str = "logsnr", callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Reverse diffusion from ``noise`` (B,C_z,h,w) to the target latent given the source latent ``cond``
+        (see :func:`LTDiffPPLib.sampler.sample`; the prediction type and schedule are the model's)."""
+        from .sampler import sample
+
+        return sample(lambda z, t: self.predict(z, torch.full((z.shape[0],), t, device=z.device), cond), noise,
+                      steps=steps, solver=solver, prediction=self.config.prediction, schedule=self.config.schedule,
+                      grid=grid, callback=callback)

@@ -35,7 +35,7 @@ from LTDiffPPLib.inference import pick_device
 from LTDiffPPLib.io import cpu_name
 from LTDiffPPLib.modelfile import default_metadata, save_model
 from LTDiffPPLib.models import LTDiffPPNet
-from LTDiffPPLib.sampler import add_noise, sample
+from LTDiffPPLib.sampler import add_noise
 
 from .config import TrainConfig
 from .data import PatchSampler
@@ -83,8 +83,7 @@ class PhaseLoss(nn.Module):
         if self.phase == 2:
             return {"loss": fidelity}
         noise = torch.randn(z_tgt.shape, generator=gen, device="cpu").to(z_tgt.device)
-        z0 = sample(lambda z, tt: net.predict(z, torch.full((z.shape[0],), tt, device=z.device), z_src), noise,
-                    steps=cfg.phase3_sample_steps, prediction=net.config.prediction, schedule=net.config.schedule)
+        z0 = net.sample_latent(z_src, noise, steps=cfg.phase3_sample_steps)
         img = net.decode(z0)
         image = F.l1_loss(img, tgt)
         nps = (radial_log_power(img) - radial_log_power(tgt)).abs().mean()
@@ -355,10 +354,9 @@ class Trainer:
         else:
             cond = self.ema.encode(src)
             noise = torch.randn(cond.shape, generator=torch.Generator().manual_seed(0)).to(self.device)
-            z0 = sample(lambda z, t: self.ema.predict(z, torch.full((z.shape[0],), t, device=z.device), cond), noise,
-                        steps=int(self.meta["sampling"]["steps"]), solver=self.meta["sampling"]["solver"],
-                        grid=self.meta["sampling"].get("grid", "logsnr"),
-                        prediction=self.ema.config.prediction, schedule=self.ema.config.schedule)
+            sampling = self.meta["sampling"]
+            z0 = self.ema.sample_latent(cond, noise, steps=int(sampling["steps"]), solver=sampling["solver"],
+                                        grid=sampling.get("grid", "logsnr"))
             out = self.ema.decode(z0)
         hu = self.meta["hu"]
         lo, hi = (-1350.0 - hu["center"]) / hu["scale"], (150.0 - hu["center"]) / hu["scale"]  # lung window
