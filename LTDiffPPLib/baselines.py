@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -35,8 +36,11 @@ from .concordance import radial_power_spectrum
 from .errors import InputError
 from .io import CTVolume
 
+if TYPE_CHECKING:
+    from .datasets import Dataset
+
 __all__ = ["ComBat", "KernelRatio", "apply_kernel_ratio", "combat_cross_fitted", "estimate_kernel_ratio",
-           "fourier_ratio_filter"]
+           "fourier_ratio_filter", "kernel_ratio_from_dataset"]
 
 
 # ------------------------------------------------------------------------------------------ ComBat
@@ -288,6 +292,10 @@ class KernelRatio:
             gain[high] = g_hi
         return gain
 
+    def table(self, step: float = 0.01, size: int = 201) -> np.ndarray:
+        """G at f = 0, step, …, (size − 1)·step mm⁻¹ (the form a model's kernel prior stores)."""
+        return self(np.arange(size) * step)
+
     def to_dict(self) -> dict:
         return {"frequencies_per_mm": self.frequencies.tolist(),
                 "measured_ratio": [None if not np.isfinite(v) else float(v) for v in self.measured],
@@ -328,6 +336,26 @@ def estimate_kernel_ratio(source: np.ndarray, target: np.ndarray, spacing_yx: tu
     return KernelRatio(frequencies=f, measured=ratio, f_lo=float(fb[0]), f_hi=float(fb[-1]),
                        extrapolation=extrapolation, fit=(float(c1), float(c2)), max_gain=float(max_gain),
                        f_nyquist=float(nyquist))
+
+
+def kernel_ratio_from_dataset(dataset: Dataset, split: str = "train") -> tuple[KernelRatio, tuple[float, float]]:
+    """The kernel ratio fitted on every pair of a dataset's ``split`` (slices pooled), and their (dy, dx)
+    pixel size in mm. The pairs must share one in-plane pixel size (the ratio is a function of mm⁻¹,
+    but it is estimated on one frequency grid). The trusted band is the default 0.1–0.5 mm⁻¹, narrowed
+    to 0.2–1 × Nyquist for pixels coarser than 1 mm."""
+    pairs = dataset.subset(split)
+    if not pairs:
+        raise InputError(f"dataset {dataset.root} has no {split!r} pairs to fit a kernel ratio on")
+    spacings = {tuple(round(float(v), 4) for v in p["spacing_mm"][:2]) for p in pairs}
+    if len(spacings) != 1:
+        raise InputError(f"dataset {dataset.root}: the {split} pairs have several pixel sizes {sorted(spacings)} mm; "
+                         "a kernel ratio is fitted at one (resample the dataset to one pixel size)")
+    sx, sy = spacings.pop()
+    src = np.concatenate([np.asarray(dataset.arrays(p)[0], np.float32) for p in pairs])
+    tgt = np.concatenate([np.asarray(dataset.arrays(p)[1], np.float32) for p in pairs])
+    nyquist = 0.5 / max(sx, sy)
+    band = (min(0.1, 0.2 * nyquist), min(0.5, nyquist))
+    return estimate_kernel_ratio(src, tgt, (sy, sx), band=band), (sy, sx)
 
 
 def apply_kernel_ratio(hu: np.ndarray, spacing_yx: tuple[float, float], ratio: KernelRatio,

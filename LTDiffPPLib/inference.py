@@ -1,5 +1,9 @@
 """Kernel standardization of a CT volume: encode → reverse diffusion in the latent → decode.
 
+With a model that has a kernel prior (:class:`LTDiffPPLib.models.KernelPrior`) each slice is first
+filtered by the fitted kernel ratio at the volume's own pixel size, and the diffusion model adds its
+learned residual to that (see :mod:`LTDiffPPLib.models`).
+
 One entry point, :func:`standardize`. Slices (axial, the (y, x) planes of a (z, y, x) volume) are
 processed in batches, so memory is bounded by the batch size, not by the number of slices. Every slice
 starts from the same seeded noise field (no slice-to-slice flicker of generated texture), so the result
@@ -73,8 +77,9 @@ def standardize(
 
     Args:
         volume_hu: (z, y, x) or a single (y, x) slice, in HU. Not modified.
-        spacing: voxel spacing in mm, (x, y[, z]) as SimpleITK orders it, or None. Used only to warn
-            when the in-plane spacing lies outside what the model was trained on.
+        spacing: voxel spacing in mm, (x, y[, z]) as SimpleITK orders it, or None (then the mean pixel
+            size the model was trained on is assumed). A warning is given when the in-plane spacing lies
+            outside what the model was trained on; a model's kernel prior filters at this pixel size.
         model: a :class:`LoadedModel`, a registered model name, a path, or None for the default model.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
         steps, solver: sampling steps and ``"ddim"`` / ``"dpmpp2m"``; default: the model's metadata.
@@ -110,6 +115,7 @@ def standardize(
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     _warn_spacing(spacing, meta)
+    pixel_mm = _pixel_mm(spacing, meta)
 
     n, h, w = vol.shape
     m = cfg.spatial_multiple
@@ -136,7 +142,7 @@ def standardize(
                 if ph or pw:
                     x = F.pad(x, (0, pw, 0, ph), mode="replicate")
             with phase("encode"):
-                cond = net.encode(x)
+                cond = net.condition(x, pixel_mm)
             acc = None
             for k, noise in enumerate(noises):
                 done_before = k * steps
@@ -148,10 +154,10 @@ def standardize(
                         progress(b0 + (b1 - b0) * (done_before + i) / work_per_batch, n)
 
                 with phase("sample"):
-                    z = net.sample_latent(cond, noise.expand(b1 - b0, *latent_shape), steps=steps, solver=solver,
+                    z = net.sample_latent(cond.latent, noise.expand(b1 - b0, *latent_shape), steps=steps, solver=solver,
                                           grid=meta["sampling"].get("grid", "logsnr"), callback=on_step)
                 with phase("decode"):
-                    y = net.decode(z.to(cond.dtype)).float()
+                    y = net.render(z.to(cond.latent.dtype), cond).float()
                     acc = y if acc is None else acc + y
             with phase("copy"):
                 y = (acc / ensemble)[:, 0, :h, :w] * hu["scale"] + hu["center"]
@@ -190,6 +196,17 @@ def _check_volume(volume_hu: Any) -> np.ndarray:
     if not np.isfinite(vol).all():
         raise InputError(f"the volume has {int((~np.isfinite(vol)).sum())} NaN/Inf voxels")
     return vol
+
+
+def _pixel_mm(spacing: tuple[float, ...] | None, meta: dict[str, Any]) -> tuple[float, float]:
+    """(dy, dx) in mm from a SimpleITK-ordered spacing, or the middle of the model's trained range."""
+    if spacing is not None:
+        dx, dy = (float(s) for s in spacing[:2])
+        if dx > 0 and dy > 0:
+            return dy, dx
+    lo, hi = meta.get("pixel_spacing_mm") or (0.7, 0.7)
+    mid = 0.5 * (float(lo) + float(hi))
+    return mid, mid
 
 
 def _warn_spacing(spacing: tuple[float, ...] | None, meta: dict[str, Any]) -> None:

@@ -6,7 +6,10 @@ A model file is one ``.safetensors`` file. Its header's ``__metadata__`` holds
 - ``config``: the architecture (:class:`LTDiffPPLib.models.ModelConfig` as a dict),
 - ``source_kernel`` / ``target_kernel``: names of the kernels it converts from / to,
 - ``hu``: HU normalization ``{"center", "scale", "min", "max"}``: network input = (clip(HU, min, max) − center) / scale,
-- ``latent``: per-channel ``mean`` and ``std`` of the encoder output,
+- ``latent``: per-channel ``mean`` and ``std`` of the encoder output (and ``residual_std`` of the
+  residual latent when the kernel prior is on),
+- ``kernel_prior`` (when ``config.kernel_prior``): the fitted radial gain, ``{"frequency_step_per_mm",
+  "gain", ...}`` (see :class:`LTDiffPPLib.models.KernelPrior`),
 - ``sampling``: defaults ``{"steps", "solver", "grid"}`` (see :mod:`LTDiffPPLib.sampler`),
 - ``pixel_spacing_mm``: ``[min, max]`` in-plane spacing seen in training (a warning outside it),
 - ``training``: free-form summary (data, hardware, wall time, validation CCC), ``name``, ``description``.
@@ -87,8 +90,9 @@ def save_model(
 
     ``weights_dtype`` ``"float16"`` halves the file (weights are upcast to float32 on loading).
 
-    The latent statistics are taken from ``net`` and the architecture from ``net.config`` (they override
-    whatever ``metadata`` says about them), so a file can never disagree with its weights.
+    The latent statistics, the kernel prior's gain and the architecture are taken from ``net`` (they
+    override whatever ``metadata`` says about them), so a file can never disagree with its weights.
+    Other keys of ``metadata["kernel_prior"]`` (e.g. how it was fitted) are kept.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -96,6 +100,12 @@ def save_model(
     meta = dict(metadata)
     meta["config"] = net.config.to_dict()
     meta["latent"] = {"mean": net.latent_mean.tolist(), "std": net.latent_std.tolist()}
+    if net.prior is not None:
+        meta["latent"]["residual_std"] = net.residual_std.tolist()
+        meta["kernel_prior"] = {**meta.get("kernel_prior", {}), "frequency_step_per_mm": net.prior.step,
+                                "gain": [round(float(g), 6) for g in net.prior.gain]}
+    else:
+        meta.pop("kernel_prior", None)
     _check_metadata(meta, path)
     if weights_dtype not in ("float32", "float16"):
         raise ModelFileError(f"weights_dtype must be 'float32' or 'float16', not {weights_dtype!r}")
@@ -192,6 +202,9 @@ def load_model(model: str | os.PathLike, *, device: str | torch.device = "cpu", 
             state = {k: f.get_tensor(k).float() for k in f.keys()}
         net.load_state_dict(state, strict=True)
         net.set_latent_stats(meta["latent"]["mean"], meta["latent"]["std"])
+        if net.prior is not None:
+            net.set_residual_std(meta["latent"]["residual_std"])
+            net.prior.set_gain(meta["kernel_prior"]["gain"], meta["kernel_prior"]["frequency_step_per_mm"])
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise ModelFileError(f"{path}: weights do not match the architecture in its metadata ({exc})") from None
     net.eval().to(device)
@@ -280,3 +293,6 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
     hu = meta["hu"]
     if not all(k in hu for k in ("center", "scale", "min", "max")) or hu["scale"] <= 0 or hu["min"] >= hu["max"]:
         raise ModelFileError(f"{path}: invalid HU normalization {hu}")
+    if meta["config"].get("kernel_prior") and ("kernel_prior" not in meta or "residual_std" not in meta["latent"]):
+        raise ModelFileError(f"{path}: the model uses a kernel prior but its metadata lacks the prior's gain "
+                             "or the residual latent's std")

@@ -14,6 +14,16 @@ z and nothing else, and ``tests/test_models.py`` checks that replacing z changes
 The denoiser is a small conditional UNet on the latent grid: it sees the noisy target latent z_t
 concatenated with the *source* latent (the condition) and the diffusion time t ∈ [0, 1], and predicts
 v (or x0; see :mod:`LTDiffPPLib.sampler`).
+
+**Kernel prior** (``ModelConfig.kernel_prior``): both reconstructions of a scan come from the same raw
+data, so most of the sharp kernel's image — its grain included — is a *linear* filtering of the smooth
+one: a radial gain G(f) in frequency space (f in mm⁻¹), fitted on the training pairs and stored in the
+model file. With the prior, the source is first filtered by G (:class:`KernelPrior`, physical
+frequencies, so it follows the input's pixel size), the denoiser is conditioned on the latent c of the
+filtered image p, and the diffusion model generates only the *residual* latent Δ (standardized by its
+per-channel std): output = p + D(c + Δ) − D(c). With Δ = 0 the output is exactly the filtered source
+(the autoencoder's reconstruction error cancels), so training starts from the physics baseline and
+learns what a linear filter cannot do.
 """
 
 from __future__ import annotations
@@ -21,21 +31,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "LTDiffPPNet", "NestedUNet", "UNetPPAutoencoder", "LatentDenoiser"]
+__all__ = ["Conditioning", "KernelPrior", "ModelConfig", "LTDiffPPNet", "NestedUNet", "UNetPPAutoencoder",
+           "LatentDenoiser"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of an LTDiff++ model; stored in every model file's metadata.
 
-    The defaults are the shipped model's (2.3 M parameters, sized to train on a CPU and convert a 512²
-    slice in about a second there); ``Training/configs/large.json`` holds a wider one for GPUs.
+    The defaults are the shipped model's architecture (2.3 M parameters, sized to train on a CPU and
+    convert a 512² slice in about a second there) except ``kernel_prior``, which is off by default so
+    that configurations written before it existed keep their meaning (the shipped model turns it on);
+    ``Training/configs/large.json`` holds a wider one for GPUs.
 
     ``patch``: pixel-unshuffle factor between the image and the latent grid (latent is H/patch × W/patch).
     ``ae_widths``: channels of the UNet++ levels (one level per entry, each half the previous resolution).
@@ -47,6 +60,7 @@ class ModelConfig:
     ``den_attention``: self-attention at the denoiser's coarsest level.
     ``prediction``: what the denoiser predicts, ``"v"`` or ``"x0"``.
     ``schedule``: noise schedule name (see :mod:`LTDiffPPLib.sampler`).
+    ``kernel_prior``: convert as the residual over a fitted linear kernel filter (module docstring).
     """
 
     patch: int = 4
@@ -60,6 +74,7 @@ class ModelConfig:
     groups: int = 8
     prediction: str = "v"
     schedule: str = "cosine"
+    kernel_prior: bool = False
 
     def __post_init__(self) -> None:
         if self.prediction not in ("v", "x0"):
@@ -273,6 +288,63 @@ class LatentDenoiser(nn.Module):
         return self.out(h)
 
 
+# -------------------------------------------------------------------------------------- kernel prior
+
+
+class KernelPrior(nn.Module):
+    """A fixed radial gain G(f) applied in 2-D frequency space: the linear part of a kernel conversion.
+
+    G is tabulated at f = k · ``step`` mm⁻¹ (k = 0 … n−1; G(0) = 1 keeps the mean), linearly
+    interpolated and held at its last value beyond the table. Identity (G ≡ 1) until
+    :meth:`set_gain` is called; the table is stored in the model file's metadata, not as a weight.
+    """
+
+    def __init__(self, size: int = 201, step: float = 0.01) -> None:
+        super().__init__()
+        self.register_buffer("gain", torch.ones(size), persistent=False)
+        self.step = float(step)
+
+    def set_gain(self, gain: torch.Tensor | list[float], step: float) -> None:
+        gain = torch.as_tensor(gain, dtype=torch.float32)
+        if gain.ndim != 1 or gain.numel() < 2 or not torch.isfinite(gain).all() or not (gain > 0).all():
+            raise ValueError("kernel prior gain must be a 1-D table of >= 2 positive finite values")
+        if not step > 0:
+            raise ValueError(f"kernel prior frequency step must be positive, got {step}")
+        self.gain = gain.to(self.gain.device)
+        self.step = float(step)
+
+    def response(self, f: torch.Tensor) -> torch.Tensor:
+        """G at frequencies ``f`` (mm⁻¹, any shape)."""
+        pos = (f / self.step).clamp(min=0.0, max=self.gain.numel() - 1.0)
+        i0 = pos.floor().clamp(max=self.gain.numel() - 2).long()
+        w = pos - i0
+        return self.gain[i0] * (1 - w) + self.gain[i0 + 1] * w
+
+    def forward(self, x: torch.Tensor, pixel_mm: tuple[float, float], pad: int = 32) -> torch.Tensor:
+        """Filter (B, 1, H, W) images with pixel size ``pixel_mm`` = (dy, dx) mm; float32 out.
+
+        Reflection padding (``pad`` px) keeps the image edges from wrapping around."""
+        dy, dx = (float(v) for v in pixel_mm)
+        with torch.autocast(x.device.type, enabled=False):
+            h, w = x.shape[-2:]
+            pad = int(min(pad, h - 1, w - 1))
+            xp = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect") if pad > 0 else x.float()
+            fy = torch.fft.fftfreq(xp.shape[-2], d=dy, device=x.device)[:, None]
+            fx = torch.fft.rfftfreq(xp.shape[-1], d=dx, device=x.device)[None, :]
+            spec = torch.fft.rfft2(xp) * self.response(torch.sqrt(fy**2 + fx**2))
+            out = torch.fft.irfft2(spec, s=xp.shape[-2:])
+            return out[..., pad:pad + h, pad:pad + w] if pad > 0 else out
+
+
+class Conditioning(NamedTuple):
+    """What a conversion is conditioned on: ``latent``, the standardized latent the denoiser sees
+    (B, C_z, h, w); ``base``, with the kernel prior, the image the decoded residual is added to —
+    the filtered source minus its own reconstruction (B, 1, H, W) — else None."""
+
+    latent: torch.Tensor
+    base: torch.Tensor | None
+
+
 # ------------------------------------------------------------------------------------------ the model
 
 
@@ -291,6 +363,8 @@ class LTDiffPPNet(nn.Module):
         self.denoiser = LatentDenoiser(cfg)
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels), persistent=False)
         self.register_buffer("latent_std", torch.ones(cfg.latent_channels), persistent=False)
+        self.register_buffer("residual_std", torch.ones(cfg.latent_channels), persistent=False)
+        self.prior = KernelPrior() if cfg.kernel_prior else None
 
     def set_latent_stats(self, mean: torch.Tensor | list[float], std: torch.Tensor | list[float]) -> None:
         mean = torch.as_tensor(mean, dtype=torch.float32)
@@ -301,6 +375,14 @@ class LTDiffPPNet(nn.Module):
             raise ValueError("latent std must be positive")
         self.latent_mean.copy_(mean)
         self.latent_std.copy_(std)
+
+    def set_residual_std(self, std: torch.Tensor | list[float]) -> None:
+        """Per-channel std of the residual latent (target latent − latent of the filtered source),
+        by which the diffusion variable is standardized when the kernel prior is on."""
+        std = torch.as_tensor(std, dtype=torch.float32)
+        if std.shape != self.residual_std.shape or not torch.all(std > 0):
+            raise ValueError(f"residual std must be {self.config.latent_channels} positive values")
+        self.residual_std.copy_(std)
 
     def _stat(self, s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return s.to(like.dtype)[None, :, None, None]
@@ -318,6 +400,33 @@ class LTDiffPPNet(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Standardized latent → the full-depth image (B,1,H,W)."""
         return self.decode_all(z)[-1]
+
+    def condition(self, x: torch.Tensor, pixel_mm: tuple[float, float], *, base: bool = True) -> Conditioning:
+        """The conditioning of a conversion of normalized source images x (B,1,H,W) with pixel size
+        ``pixel_mm`` = (dy, dx) mm (used only by the kernel prior). ``base=False`` skips the base image
+        (a decoder pass) where only the latent is needed, as in training the denoiser."""
+        if self.prior is None:
+            return Conditioning(self.encode(x), None)
+        filtered = self.prior(x, pixel_mm)
+        latent = self.encode(filtered.to(x.dtype))
+        return Conditioning(latent, filtered - self.decode(latent).float() if base else None)
+
+    def diffusion_target(self, z_target: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The variable the diffusion model generates for a target latent: the latent itself, or with the
+        kernel prior the standardized residual (z_target − cond.latent) / residual_std."""
+        if self.prior is None:
+            return z_target
+        return (z_target - cond.latent) / self._stat(self.residual_std, z_target)
+
+    def render(self, z0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Image (B,1,H,W) from a generated diffusion variable z0 (the inverse of :meth:`diffusion_target`
+        followed by decoding): D(z0), or with the kernel prior base + D(cond.latent + z0 · residual_std)."""
+        if self.prior is None:
+            return self.decode(z0)
+        if cond.base is None:
+            raise ValueError("render needs the conditioning's base image (condition(..., base=True))")
+        z = cond.latent + z0.to(cond.latent.dtype) * self._stat(self.residual_std, cond.latent)
+        return cond.base + self.decode(z).float()
 
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Denoiser output (v or x0, per ``config.prediction``) for noisy latent z_t at time t given cond."""

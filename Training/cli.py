@@ -1,6 +1,7 @@
 """``python -m Training`` / ``ltdiffpp-train``: train, resume, export, or create an untrained model file.
 
-    python -m Training train --config CONFIG.json --run-dir RUN [--dataset DIR] [--resume auto] [--device auto]
+    python -m Training train --config CONFIG.json --run-dir RUN [--dataset DIR] [--autoencoder-from CKPT]
+                             [--resume auto] [--device auto]
     torchrun --nproc_per_node N -m Training train --config CONFIG.json --run-dir RUN     (DDP)
     python -m Training export --run-dir RUN --out MODEL.safetensors [--evaluation RESULTS.json]
     python -m Training init OUT.safetensors [--config MODEL_CONFIG.json] [--seed S]
@@ -27,6 +28,8 @@ def _main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", required=True, help="training configuration (JSON)")
     t.add_argument("--run-dir", required=True, help="folder for checkpoints, metrics and the exported model")
     t.add_argument("--dataset", help="dataset folder (overrides the config's \"dataset\")")
+    t.add_argument("--autoencoder-from", help="skip phase 1: reuse the autoencoder of this checkpoint (.pt) or "
+                   "model file (overrides the config's \"autoencoder_from\")")
     t.add_argument("--resume", help="'auto' (latest checkpoint in the run folder) or a checkpoint path")
     t.add_argument("--device", default="auto")
     t.add_argument("--export", default="model.safetensors", help="model file written into the run folder at the end")
@@ -56,6 +59,8 @@ def _main(argv: list[str] | None = None) -> int:
             cfg = TrainConfig.load(a.config)
             if a.dataset:
                 cfg.dataset = a.dataset
+            if a.autoencoder_from:
+                cfg.autoencoder_from = a.autoencoder_from
             trainer = Trainer(cfg, a.run_dir, device=a.device, resume=a.resume)
             trainer.run()
             if trainer.rank == 0:

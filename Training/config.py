@@ -37,12 +37,16 @@ class TrainConfig:
     DPM-Solver++ steps) against the target + ``lambda_nps`` · log noise-power-spectrum distance, so that
     the sharp kernel's texture is learned rather than averaged away.
 
+    ``autoencoder_from``: a checkpoint (``.pt``) or model file of an earlier run with the same
+    autoencoder architecture; phase 1 is then skipped and its autoencoder used (recorded in the card).
+
     ``sampling`` (steps, solver, grid) becomes the exported model's default for inference;
     ``tensorboard`` writes scalars and source/converted/target panels to ``run_dir/tensorboard``
     (when the ``tensorboard`` package is installed).
     """
 
     dataset: str = ""
+    autoencoder_from: str = ""
     model: dict[str, Any] = field(default_factory=dict)
     patch: int = 128
     phase1: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=2000))

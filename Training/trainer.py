@@ -4,6 +4,11 @@
     phase 2  conditional latent denoiser on pairs (autoencoder frozen), v-prediction MSE
     phase 3  denoiser + decoder jointly: latent fidelity + image L1 + noise-power loss on decoded samples
 
+With ``model.kernel_prior`` the kernel ratio is first fitted on the training pairs
+(:func:`LTDiffPPLib.baselines.kernel_ratio_from_dataset`) and phases 2–3 learn the residual over the
+filtered source (:mod:`LTDiffPPLib.models`); after phase 1 the residual latent's std is measured too.
+``autoencoder_from`` starts at phase 2 with the autoencoder (and latent statistics) of an earlier run.
+
 Each phase starts from the previous phase's EMA weights. Checkpoints (``run_dir/checkpoints``) hold the
 model, EMA, optimizer, LR schedule, phase, step, latent statistics and elapsed time; they are written
 atomically and read with ``torch.load(weights_only=True)`` (tensors and plain containers only, no code).
@@ -61,9 +66,9 @@ def radial_log_power(img: torch.Tensor, bands: int = 16) -> torch.Tensor:
 class PhaseLoss(nn.Module):
     """The loss of one phase as a module, so DDP sees a forward() over the whole network."""
 
-    def __init__(self, net: LTDiffPPNet, cfg: TrainConfig, phase: int) -> None:
+    def __init__(self, net: LTDiffPPNet, cfg: TrainConfig, phase: int, pixel_mm: tuple[float, float]) -> None:
         super().__init__()
-        self.net, self.cfg, self.phase = net, cfg, phase
+        self.net, self.cfg, self.phase, self.pixel_mm = net, cfg, phase, pixel_mm
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         net, cfg = self.net, self.cfg
@@ -73,18 +78,21 @@ class PhaseLoss(nn.Module):
             w = cfg.deep_supervision_weights[-len(outs):]
             rec = sum(wi * F.l1_loss(o, x) for wi, o in zip(w, outs)) / sum(w)
             return {"loss": rec, "l1_full": F.l1_loss(outs[-1], x).detach()}
+        # phase 3 trains the decoder, which the conditioning's base image (kernel prior) depends on
+        with torch.no_grad() if self.phase == 2 else contextlib.nullcontext():
+            cond = net.condition(src, self.pixel_mm, base=self.phase == 3)
         with torch.no_grad():
-            z_src, z_tgt = net.encode(src), net.encode(tgt)
-        t = torch.rand(z_tgt.shape[0], generator=gen, device="cpu").to(z_tgt.device)
-        eps = torch.randn(z_tgt.shape, generator=gen, device="cpu").to(z_tgt.device)
-        z_t, v = add_noise(z_tgt, eps, t, net.config.schedule)
-        target = v if net.config.prediction == "v" else z_tgt
-        fidelity = F.mse_loss(net.predict(z_t, t, z_src), target)
+            x0 = net.diffusion_target(net.encode(tgt), cond)
+        t = torch.rand(x0.shape[0], generator=gen, device="cpu").to(x0.device)
+        eps = torch.randn(x0.shape, generator=gen, device="cpu").to(x0.device)
+        z_t, v = add_noise(x0, eps, t, net.config.schedule)
+        target = v if net.config.prediction == "v" else x0
+        fidelity = F.mse_loss(net.predict(z_t, t, cond.latent.detach()), target)
         if self.phase == 2:
             return {"loss": fidelity}
-        noise = torch.randn(z_tgt.shape, generator=gen, device="cpu").to(z_tgt.device)
-        z0 = net.sample_latent(z_src, noise, steps=cfg.phase3_sample_steps)
-        img = net.decode(z0)
+        noise = torch.randn(x0.shape, generator=gen, device="cpu").to(x0.device)
+        z0 = net.sample_latent(cond.latent.detach(), noise, steps=cfg.phase3_sample_steps)
+        img = net.render(z0, cond)
         image = F.l1_loss(img, tgt)
         nps = (radial_log_power(img) - radial_log_power(tgt)).abs().mean()
         return {"loss": fidelity + cfg.lambda_image * image + cfg.lambda_nps * nps,
@@ -132,6 +140,9 @@ class Trainer:
         self.meta["sampling"] = {**self.meta["sampling"], **cfg.sampling}
         inplane = [s for p in dataset.subset("train") for s in p["spacing_mm"][:2]]
         self.meta["pixel_spacing_mm"] = [round(min(inplane), 4), round(max(inplane), 4)]
+        self.pixel_mm = (float(np.mean(inplane)),) * 2  # (dy, dx) of the training patches
+        if self.net.prior is not None:
+            self._fit_kernel_prior(dataset)
         self.train = PatchSampler(dataset, "train", cfg.patch, self.meta["hu"], cfg.seed)
         self.val = PatchSampler(dataset, "val", cfg.patch, self.meta["hu"], cfg.seed + 1) if dataset.subset("val") else None
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
@@ -143,6 +154,12 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         if resume:
             self._resume(resume)
+        if cfg.autoencoder_from:
+            from LTDiffPPLib.modelfile import sha256_file
+
+            self.meta["autoencoder_from"] = {"path": str(cfg.autoencoder_from), "sha256": sha256_file(cfg.autoencoder_from)}
+            if (self.phase, self.step) == (1, 0):
+                self._load_autoencoder(cfg.autoencoder_from)
         self.tb = _tensorboard_writer(self.run_dir / "tensorboard") if cfg.tensorboard and self.rank == 0 else None
 
     # ------------------------------------------------------------------------------------------ loop
@@ -166,7 +183,7 @@ class Trainer:
         params = trainable(self.net, phase)
         for p in params:
             p.requires_grad_(True)
-        module: nn.Module = PhaseLoss(self.net, self.cfg, phase)
+        module: nn.Module = PhaseLoss(self.net, self.cfg, phase, self.pixel_mm)
         if self.world > 1:
             module = nn.parallel.DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
         bar = self._bar(phase, pc.steps)
@@ -213,6 +230,57 @@ class Trainer:
         self.net.load_state_dict(self.ema.state_dict())
         if phase == 1:
             self._latent_stats()
+            self._residual_stats()
+
+    def _fit_kernel_prior(self, dataset) -> None:
+        """Fit the kernel ratio on the training pairs and install it as the model's prior (before the EMA
+        copy is made, which inherits it)."""
+        from LTDiffPPLib.baselines import kernel_ratio_from_dataset
+
+        ratio, (dy, dx) = kernel_ratio_from_dataset(dataset, "train")
+        self.pixel_mm = (dy, dx)
+        gain = torch.from_numpy(ratio.table(self.net.prior.step, self.net.prior.gain.numel())).float()
+        self.net.prior.set_gain(gain, self.net.prior.step)
+        self.meta["kernel_prior"] = {"fitted_on": f"{self.dataset_summary['path']} (train split, "
+                                                  f"{self.dataset_summary['train_pairs']} pairs)",
+                                     "pixel_mm": [dy, dx], "band_per_mm": [ratio.f_lo, ratio.f_hi],
+                                     "extrapolation": ratio.extrapolation}
+
+    def _load_autoencoder(self, source: str) -> None:
+        """Start at phase 2 with the autoencoder of a checkpoint (``.pt``) or model file (``.safetensors``)."""
+        from LTDiffPPLib.modelfile import load_model
+
+        if str(source).endswith(".safetensors"):
+            state = load_model(source, verify_registry=False).net.state_dict()
+        else:
+            state = torch.load(source, map_location="cpu", weights_only=True)["ema"]
+        ae = {k.removeprefix("autoencoder."): v for k, v in state.items() if k.startswith("autoencoder.")}
+        for net in (self.net, self.ema):
+            net.autoencoder.load_state_dict(ae, strict=True)
+        self._latent_stats()
+        self._residual_stats()
+        self.phase, self.step = 2, 0
+        self._new_optimizer(2)
+        self.log_fn(f"phase 1 skipped: autoencoder from {source}")
+
+    @torch.no_grad()
+    def _residual_stats(self, batches: int = 8) -> None:
+        """With the kernel prior: per-channel std of the residual latent (target − filtered source)."""
+        if self.net.prior is None:
+            return
+        res = []
+        for i in range(batches):
+            src, tgt = self.train.batch(self.cfg.phase2.batch_size, 0, batches + i, self.rank)
+            src, tgt = src.to(self.device), tgt.to(self.device)
+            res.append((self.net.encode(tgt) - self.net.condition(src, self.pixel_mm, base=False).latent).float())
+        r = torch.cat(res).transpose(0, 1).reshape(res[0].shape[1], -1)
+        moments = torch.stack([r.mean(1), r.square().mean(1)])
+        if self.world > 1:
+            dist.all_reduce(moments)
+            moments /= self.world
+        std = (moments[1] - moments[0] ** 2).clamp(min=1e-6).sqrt()
+        for net in (self.net, self.ema):
+            net.set_residual_std(std.cpu())
 
     @torch.no_grad()
     def _latent_stats(self, batches: int = 8) -> None:
@@ -234,7 +302,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self, phase: int) -> float:
         """Mean loss of ``phase`` over fixed validation batches (EMA weights)."""
-        module = PhaseLoss(self.ema, self.cfg, phase)
+        module = PhaseLoss(self.ema, self.cfg, phase, self.pixel_mm)
         losses = []
         for i in range(self.cfg.val_batches):
             src, tgt = self.val.batch(self.cfg.phase(phase).batch_size, phase, i)
@@ -272,7 +340,7 @@ class Trainer:
             "format": "ltdiffpp-checkpoint", "format_version": 1, "phase": self.phase, "step": self.step,
             "net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(), "latent_mean": self.net.latent_mean.cpu(),
-            "latent_std": self.net.latent_std.cpu(), "elapsed": self.elapsed, "history": json.dumps(self.history),
+            "latent_std": self.net.latent_std.cpu(), "residual_std": self.net.residual_std.cpu(), "elapsed": self.elapsed, "history": json.dumps(self.history),
             "config": json.dumps(self.cfg.to_dict()),
         }
         tmp = ckpt_dir / f".{path.name}.tmp-{os.getpid()}"
@@ -297,6 +365,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
             for net in (self.net, self.ema):
                 net.set_latent_stats(state["latent_mean"], state["latent_std"])
+                net.set_residual_std(state["residual_std"])
             self._new_optimizer(self.phase)
             self.opt.load_state_dict(state["opt"])
             self.sched.load_state_dict(state["sched"])
@@ -317,7 +386,7 @@ class Trainer:
         meta = dict(self.meta)
         hw = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
         meta["training"] = {
-            "status": "trained", "phases": {str(p): self.cfg.phase(p).steps for p in PHASES}, "seed": self.cfg.seed,
+            "status": "trained", "phases": {str(p): self.cfg.phase(p).steps for p in PHASES if p > 1 or not self.cfg.autoencoder_from}, "seed": self.cfg.seed,
             "wall_time_s": round(self.elapsed, 1), "hardware": f"{self.device.type}: {hw} x{self.world}",
             "torch": torch.__version__, "dataset": self.dataset_summary, "config": self.cfg.to_dict(),
             "final": {k: v for k, v in (self.history[-1] if self.history else {}).items()},
@@ -352,12 +421,12 @@ class Trainer:
         if phase == 1:
             out = self.ema.decode(self.ema.encode(tgt))
         else:
-            cond = self.ema.encode(src)
-            noise = torch.randn(cond.shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+            cond = self.ema.condition(src, self.pixel_mm)
+            noise = torch.randn(cond.latent.shape, generator=torch.Generator().manual_seed(0)).to(self.device)
             sampling = self.meta["sampling"]
-            z0 = self.ema.sample_latent(cond, noise, steps=int(sampling["steps"]), solver=sampling["solver"],
+            z0 = self.ema.sample_latent(cond.latent, noise, steps=int(sampling["steps"]), solver=sampling["solver"],
                                         grid=sampling.get("grid", "logsnr"))
-            out = self.ema.decode(z0)
+            out = self.ema.render(z0, cond)
         hu = self.meta["hu"]
         lo, hi = (-1350.0 - hu["center"]) / hu["scale"], (150.0 - hu["center"]) / hu["scale"]  # lung window
         rows = [torch.cat([src[i, 0], out[i, 0], tgt[i, 0]], dim=1) for i in range(src.shape[0])]

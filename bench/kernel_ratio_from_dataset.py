@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
-
-from LTDiffPPLib.baselines import apply_kernel_ratio, estimate_kernel_ratio
+from LTDiffPPLib.baselines import apply_kernel_ratio, kernel_ratio_from_dataset
 from LTDiffPPLib.datasets import load_dataset
 from LTDiffPPLib.io import read_volume, write_volume
 
@@ -29,20 +27,14 @@ def main() -> None:
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args()
     ds = load_dataset(a.dataset)
-    pairs = ds.subset(a.split)
-    spacings = {tuple(p["spacing_mm"][:2]) for p in pairs}
-    if len(spacings) != 1:
-        raise SystemExit(f"the {a.split} pairs have several pixel sizes {sorted(spacings)}; the ratio needs one")
-    sx, sy = spacings.pop()
-    src = np.concatenate([np.asarray(ds.arrays(p)[0], np.float32) for p in pairs])
-    tgt = np.concatenate([np.asarray(ds.arrays(p)[1], np.float32) for p in pairs])
-    ratio = estimate_kernel_ratio(src, tgt, (sy, sx))
+    ratio, (sy, sx) = kernel_ratio_from_dataset(ds, a.split)
+    slices = sum(int(ds.arrays(p)[0].shape[0]) for p in ds.subset(a.split))
     image = read_volume(a.image)
     if abs(image.spacing[0] - sx) > 0.05 * sx:
         print(f"note: {a.image} has {image.spacing[0]:.3f} mm pixels, the ratio was fitted at {sx:.3f} mm")
     out = image.with_hu(apply_kernel_ratio(image.hu, (image.spacing[1], image.spacing[0]), ratio))
     write_volume(out, a.out, overwrite=a.overwrite)
-    print(json.dumps({"dataset": a.dataset, "split": a.split, "slices": int(src.shape[0]),
+    print(json.dumps({"dataset": a.dataset, "split": a.split, "slices": slices,
                       "pixel_mm": [sx, sy], "ratio": ratio.to_dict()}, indent=None)[:400])
 
 

@@ -67,6 +67,39 @@ def test_three_phases_run_and_export_a_working_model(full_run, tmp_path):
     assert res.shape == vol.shape and np.isfinite(res).all()
 
 
+def test_kernel_prior_is_fitted_on_the_training_pairs(full_run, tmp_path):
+    """tiny.json has the kernel prior: B30f -> B70f is a sharpening, stored in the card with its origin."""
+    t, _ = full_run
+    gain = t.ema.prior.gain
+    nyquist = 0.5 / 3.2  # the test dataset's pixels are 3.2 mm
+    # at 3.2 mm pixels only the bottom of the kernels' difference is visible: B70f/B30f ≈ 1.1 at Nyquist
+    assert gain[0] == pytest.approx(1.0) and gain[int(nyquist / t.ema.prior.step)] > 1.05
+    assert not torch.allclose(t.ema.residual_std, torch.ones_like(t.ema.residual_std))
+    out = tmp_path / "m.safetensors"
+    t.export(out)
+    meta = load_model(out).metadata
+    assert "train split" in meta["kernel_prior"]["fitted_on"] and meta["kernel_prior"]["pixel_mm"] == [3.2, 3.2]
+
+
+def test_autoencoder_from_an_earlier_run_skips_phase_1(full_run, dataset, tmp_path):
+    ref, run = full_run
+    ckpt = sorted((run / "checkpoints").glob("ckpt-p3-*.pt"))[-1]
+    d = json.loads(TINY_CONFIG.read_text())
+    cfg = TrainConfig.from_dict({**d, "dataset": str(dataset), "autoencoder_from": str(ckpt)})
+    t = Trainer(cfg, tmp_path / "run2", device="cpu", log=lambda s: None)
+    assert (t.phase, t.step) == (2, 0)
+    for k, v in ref.ema.autoencoder.state_dict().items():
+        assert torch.equal(v, t.net.autoencoder.state_dict()[k]), k
+    # the encoder is the same and the statistics are re-measured on the same batches
+    assert torch.allclose(t.net.latent_std, ref.ema.latent_std, atol=1e-6)
+    assert t.run()
+    hist = [json.loads(line) for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert {h["phase"] for h in hist} == {2, 3}
+    t.export(tmp_path / "m.safetensors")
+    card = load_model(tmp_path / "m.safetensors").metadata
+    assert card["training"]["phases"] == {"2": 6, "3": 4} and card["autoencoder_from"]["path"] == str(ckpt)
+
+
 def test_tensorboard_scalars_and_panels(full_run):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
