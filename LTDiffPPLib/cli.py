@@ -24,6 +24,7 @@ from . import __version__
 from .errors import InputError, LTDiffPPError, OutputError
 from .io import check_output_path, is_image_path, read_volume, software_versions, write_volume
 from .modelfile import load_model, read_metadata, registry, resolve_model, sha256_file
+from .models import ModelConfig
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -234,11 +235,24 @@ def _cmd_info(a: argparse.Namespace) -> int:
     print(f"description    {meta.get('description', '')}")
     print(f"kernels        {meta['source_kernel']} -> {meta['target_kernel']}")
     print(f"HU             input = (clip(HU, {meta['hu']['min']}, {meta['hu']['max']}) - {meta['hu']['center']}) / {meta['hu']['scale']}")
-    print(f"sampling       {meta['sampling']['solver']}, {meta['sampling']['steps']} steps, {cfg['prediction']}-prediction, {cfg['schedule']} schedule")
-    print(f"architecture   UNet++ autoencoder {cfg['ae_widths']} -> latent {cfg['latent_channels']} ch at 1/{cfg['patch']}; denoiser {cfg['den_widths']}")
+    arch = ModelConfig.from_dict(cfg)
+    if arch.has_diffusion:
+        print(f"sampling       {meta['sampling']['solver']}, {meta['sampling']['steps']} steps, {cfg['prediction']}-prediction, {cfg['schedule']} schedule")
+    else:
+        print("sampling       none (direct translation)")
+    print(f"architecture   {_architecture(arch)}")
     print(f"weights        {meta.get('weights_dtype', 'float32')}")
     print(f"training       {json.dumps(meta.get('training', {}), sort_keys=True)}")
     return 0
+
+
+def _architecture(cfg: ModelConfig) -> str:
+    """One line on what a model is: its variant and the sizes of its parts."""
+    widths = list(cfg.ae_widths)
+    front = {"ltdiff++": f"UNet++ autoencoder {widths}", "unet++": f"UNet++ autoencoder {widths}",
+             "single-scale-ldm": f"plain U-Net autoencoder {widths}", "pixel-ddpm": "pixel-unshuffle"}[cfg.variant]
+    back = f"denoiser {list(cfg.den_widths)}" if cfg.has_diffusion else "no denoiser (direct translation)"
+    return f"{cfg.variant}: {front} -> {cfg.latent_channels} ch at 1/{cfg.patch}; {back}"
 
 
 def _cmd_models(a: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
 With a model that has a kernel prior (:class:`LTDiffPPLib.models.KernelPrior`) each slice is first
 filtered by the fitted kernel ratio at the volume's own pixel size, and the diffusion model adds its
-learned residual to that (see :mod:`LTDiffPPLib.models`).
+learned residual to that (see :mod:`LTDiffPPLib.models`). The comparison models run through the same
+code: a pixel-space DDPM samples the unshuffled image instead of a latent, and a ``"unet++"`` direct
+translator decodes the source latent without sampling (steps, solver, seed and ensemble do not apply).
 
 One entry point, :func:`standardize`. Slices (axial, the (y, x) planes of a (z, y, x) volume) are
 processed in batches, so memory is bounded by the batch size, not by the number of slices. Every slice
@@ -82,7 +84,8 @@ def standardize(
             outside what the model was trained on; a model's kernel prior filters at this pixel size.
         model: a :class:`LoadedModel`, a registered model name, a path, or None for the default model.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
-        steps, solver: sampling steps and ``"ddim"`` / ``"dpmpp2m"``; default: the model's metadata.
+        steps, solver: sampling steps and ``"ddim"`` / ``"dpmpp2m"``; default: the model's metadata
+            (ignored by a model without diffusion, ``config.variant == "unet++"``).
         seed: seeds the shared noise field (member k of an ensemble uses seed + k).
         batch_size: slices per forward pass (default: :func:`default_batch_size`).
         ensemble: average the decoded outputs of K samples (lowers noise *and* texture variance).
@@ -109,8 +112,10 @@ def standardize(
     solver = solver or meta["sampling"]["solver"]
     if solver not in SOLVERS:
         raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if steps < 1 or ensemble < 1:
+    if (steps < 1 and cfg.has_diffusion) or ensemble < 1:
         raise InputError(f"steps and ensemble must be >= 1 (got steps={steps}, ensemble={ensemble})")
+    if not cfg.has_diffusion:  # a direct translator: one deterministic pass, nothing to sample
+        steps, ensemble = 0, 1
     batch_size = int(default_batch_size(dev) if batch_size is None else batch_size)
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
@@ -126,7 +131,7 @@ def standardize(
     elif out.shape != vol.shape:
         raise InputError(f"`out` has shape {out.shape}, expected {vol.shape}")
     latent_shape = (cfg.latent_channels, (h + ph) // cfg.patch, (w + pw) // cfg.patch)
-    noises = [initial_noise(latent_shape, seed + k, dev) for k in range(ensemble)]
+    noises = [initial_noise(latent_shape, seed + k, dev) for k in range(ensemble)] if steps else []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     work_per_batch = ensemble * steps
 
@@ -144,6 +149,13 @@ def standardize(
             with phase("encode"):
                 cond = net.condition(x, pixel_mm)
             acc = None
+            if not noises:  # direct translation: the output is the decoded source latent
+                with phase("decode"):
+                    acc = net.render(cond.latent, cond).float()
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("standardization cancelled")
+                if progress is not None:
+                    progress(b1, n)
             for k, noise in enumerate(noises):
                 done_before = k * steps
 

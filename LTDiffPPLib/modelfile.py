@@ -3,7 +3,8 @@
 A model file is one ``.safetensors`` file. Its header's ``__metadata__`` holds
 ``{"format": "ltdiffpp-model", "format_version": "1", "ltdiffpp": "<JSON>"}`` where the JSON has:
 
-- ``config``: the architecture (:class:`LTDiffPPLib.models.ModelConfig` as a dict),
+- ``config``: the architecture (:class:`LTDiffPPLib.models.ModelConfig` as a dict; its ``variant`` says
+  whether it is LTDiff++ or one of the paper's comparison models, ``"ltdiff++"`` when absent),
 - ``source_kernel`` / ``target_kernel``: names of the kernels it converts from / to,
 - ``hu``: HU normalization ``{"center", "scale", "min", "max"}``: network input = (clip(HU, min, max) − center) / scale,
 - ``latent``: per-channel ``mean`` and ``std`` of the encoder output (and ``residual_std`` of the
@@ -138,7 +139,8 @@ def init_model(
     net = LTDiffPPNet(cfg)
     # the denoiser's output layer starts at zero (standard for diffusion); a small random one makes an
     # untrained model exercise every path of the sampler instead of returning a constant prediction
-    torch.nn.init.normal_(net.denoiser.out[-1].weight, std=1e-3)
+    if net.denoiser is not None:
+        torch.nn.init.normal_(net.denoiser.out[-1].weight, std=1e-3)
     meta = default_metadata(
         cfg,
         name=name,

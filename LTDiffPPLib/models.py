@@ -24,6 +24,19 @@ filtered image p, and the diffusion model generates only the *residual* latent �
 per-channel std): output = p + D(c + Δ) − D(c). With Δ = 0 the output is exactly the filtered source
 (the autoencoder's reconstruction error cancels), so training starts from the physics baseline and
 learns what a linear filter cannot do.
+
+**Variants** (``ModelConfig.variant``): the same classes also build the paper's comparison models, so
+that one package trains and runs them all:
+
+- ``"ltdiff++"`` (default): everything above.
+- ``"unet++"``: the UNet++ autoencoder alone as a direct translator, image = D(E(source)), trained on
+  pairs; no denoiser, no sampling (:attr:`ModelConfig.has_diffusion` is False).
+- ``"pixel-ddpm"``: a conditional DDPM in pixel space: the denoiser works on the pixel-unshuffled image
+  (patch² channels at H/patch × W/patch, so ``latent_channels`` must be patch²) conditioned on the
+  unshuffled source; the "autoencoder" is the parameter-free :class:`PixelShuffleCodec`.
+- ``"single-scale-ldm"`` (DiffusionCT-like): the latent diffusion of LTDiff++ over a plain U-Net
+  encoder and decoder: backbone column and one decoder column, no nested dense skip nodes, one output
+  (no deep supervision).
 """
 
 from __future__ import annotations
@@ -38,7 +51,10 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Conditioning", "KernelPrior", "ModelConfig", "LTDiffPPNet", "NestedUNet", "UNetPPAutoencoder",
-           "LatentDenoiser"]
+           "LatentDenoiser", "PixelShuffleCodec", "VARIANTS"]
+
+#: model variants (see the module docstring): LTDiff++ and the paper's comparison models
+VARIANTS = ("ltdiff++", "unet++", "pixel-ddpm", "single-scale-ldm")
 
 
 @dataclass(frozen=True)
@@ -60,7 +76,11 @@ class ModelConfig:
     ``den_attention``: self-attention at the denoiser's coarsest level.
     ``prediction``: what the denoiser predicts, ``"v"`` or ``"x0"``.
     ``schedule``: noise schedule name (see :mod:`LTDiffPPLib.sampler`).
-    ``kernel_prior``: convert as the residual over a fitted linear kernel filter (module docstring).
+    ``kernel_prior``: convert as the residual over a fitted linear kernel filter (module docstring);
+    only for the latent-diffusion variants.
+    ``variant``: one of :data:`VARIANTS` (module docstring); absent from a stored dict means
+    ``"ltdiff++"``. Fields a variant does not use are kept but ignored (``den_*`` for ``"unet++"``,
+    ``ae_*`` for ``"pixel-ddpm"``).
     """
 
     patch: int = 4
@@ -75,10 +95,19 @@ class ModelConfig:
     prediction: str = "v"
     schedule: str = "cosine"
     kernel_prior: bool = False
+    variant: str = "ltdiff++"
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
         if self.prediction not in ("v", "x0"):
             raise ValueError(f"prediction must be 'v' or 'x0', not {self.prediction!r}")
+        if self.kernel_prior and not self.latent_diffusion:
+            raise ValueError(f"kernel_prior needs a latent diffusion model ('ltdiff++' or 'single-scale-ldm'), "
+                             f"not variant {self.variant!r}")
+        if not self.has_autoencoder and self.latent_channels != self.patch**2:
+            raise ValueError(f"variant 'pixel-ddpm' diffuses the pixel-unshuffled image: latent_channels must be "
+                             f"patch² = {self.patch**2}, not {self.latent_channels}")
         for w in (*self.ae_widths, *self.den_widths):
             if w % self.groups:
                 raise ValueError(f"every width must be divisible by groups={self.groups}; got {w}")
@@ -86,9 +115,26 @@ class ModelConfig:
             raise ValueError("ae_widths needs >= 2 levels and den_widths >= 1")
 
     @property
+    def has_autoencoder(self) -> bool:
+        """Whether the model has a learned autoencoder (all variants but ``"pixel-ddpm"``)."""
+        return self.variant != "pixel-ddpm"
+
+    @property
+    def has_diffusion(self) -> bool:
+        """Whether the model generates by reverse diffusion (all variants but ``"unet++"``)."""
+        return self.variant != "unet++"
+
+    @property
+    def latent_diffusion(self) -> bool:
+        """Diffusion in a learned latent, whose channel statistics are measured after phase 1."""
+        return self.has_autoencoder and self.has_diffusion
+
+    @property
     def spatial_multiple(self) -> int:
         """Image height and width must be multiples of this (pixel-unshuffle times all downsamplings)."""
-        return self.patch * 2 ** max(len(self.ae_widths) - 1, len(self.den_widths) - 1)
+        levels = [len(self.ae_widths) - 1] if self.has_autoencoder else []
+        levels += [len(self.den_widths) - 1] if self.has_diffusion else []
+        return self.patch * 2 ** max(levels)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,19 +184,26 @@ class NestedUNet(nn.Module):
     X^{i,j} = Block([X^{i,0}, …, X^{i,j-1}, Up(X^{i+1,j-1})]). Heads on X^{0,1..L} (deep supervision)
     map to ``cout`` channels; ``forward`` returns them in order, the last (X^{0,L}) being the full output.
     Input (B, cin, h, w) with h, w divisible by 2^(L); outputs (B, cout, h, w).
+
+    ``nested=False`` builds the plain U-Net inside the same frame: only the decoder column
+    X^{i,L-i} = Block([X^{i,0}, Up(X^{i+1,L-i-1})]), no nested nodes, one head on X^{0,L} (so no deep
+    supervision).
     """
 
-    def __init__(self, cin: int, cout: int, widths: tuple[int, ...], groups: int, deep_supervision: bool) -> None:
+    def __init__(self, cin: int, cout: int, widths: tuple[int, ...], groups: int, deep_supervision: bool,
+                 nested: bool = True) -> None:
         super().__init__()
+        if deep_supervision and not nested:
+            raise ValueError("deep supervision needs the nested nodes X^{0,1..L-1}")
         self.levels = len(widths)
+        self.nested = nested
         self.stem = nn.Conv2d(cin, widths[0], 3, padding=1)
         self.nodes = nn.ModuleDict()
         for i, w in enumerate(widths):
             self.nodes[f"{i}_0"] = ResBlock(widths[i - 1] if i else widths[0], w, groups)
-        for j in range(1, self.levels):
-            for i in range(self.levels - j):
-                cin_ij = widths[i] * j + widths[i + 1]
-                self.nodes[f"{i}_{j}"] = ResBlock(cin_ij, widths[i], groups)
+        for i, j in self._inner_nodes():
+            cin_ij = widths[i] * (j if nested else 1) + widths[i + 1]
+            self.nodes[f"{i}_{j}"] = ResBlock(cin_ij, widths[i], groups)
         self.downs = nn.ModuleList(nn.Conv2d(widths[i], widths[i], 3, stride=2, padding=1) for i in range(self.levels - 1))
         head_idx = range(1, self.levels) if deep_supervision else [self.levels - 1]
         self.head_index = list(head_idx)
@@ -158,6 +211,12 @@ class NestedUNet(nn.Module):
             nn.Sequential(nn.GroupNorm(_groups(widths[0], groups), widths[0]), nn.SiLU(), nn.Conv2d(widths[0], cout, 3, padding=1))
             for _ in self.head_index
         )
+
+    def _inner_nodes(self) -> list[tuple[int, int]]:
+        """(i, j), j ≥ 1, of the nodes after the backbone in computation order: all of them (UNet++) or
+        the decoder column i + j = L (plain U-Net)."""
+        last = self.levels - 1
+        return [(i, j) for j in range(1, self.levels) for i in range(self.levels - j) if self.nested or i + j == last]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         X: dict[tuple[int, int], torch.Tensor] = {}
@@ -167,22 +226,27 @@ class NestedUNet(nn.Module):
                 h = self.downs[i - 1](h)
             h = self.nodes[f"{i}_0"](h)
             X[i, 0] = h
-        for j in range(1, self.levels):
-            for i in range(self.levels - j):
-                up = F.interpolate(X[i + 1, j - 1], scale_factor=2.0, mode="nearest")
-                X[i, j] = self.nodes[f"{i}_{j}"](torch.cat([*(X[i, k] for k in range(j)), up], dim=1))
+        for i, j in self._inner_nodes():
+            up = F.interpolate(X[i + 1, j - 1], scale_factor=2.0, mode="nearest")
+            skips = [X[i, k] for k in range(j)] if self.nested else [X[i, 0]]
+            X[i, j] = self.nodes[f"{i}_{j}"](torch.cat([*skips, up], dim=1))
         return [head(X[0, j]) for head, j in zip(self.heads, self.head_index)]
 
 
 class UNetPPAutoencoder(nn.Module):
-    """Image ↔ compact latent. ``encode``: (B,1,H,W) → (B,C_z,H/p,W/p); ``decode``: z → list of (B,1,H,W)."""
+    """Image ↔ compact latent. ``encode``: (B,1,H,W) → (B,C_z,H/p,W/p); ``decode``: z → list of (B,1,H,W).
+
+    UNet++ encoder and decoder, or plain U-Nets with a single output for ``"single-scale-ldm"``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         p2 = cfg.patch**2
         self.patch = cfg.patch
-        self.encoder = NestedUNet(p2, cfg.latent_channels, cfg.ae_widths, cfg.groups, deep_supervision=False)
-        self.decoder = NestedUNet(cfg.latent_channels, p2, cfg.ae_widths, cfg.groups, deep_supervision=True)
+        nested = cfg.variant != "single-scale-ldm"
+        self.encoder = NestedUNet(p2, cfg.latent_channels, cfg.ae_widths, cfg.groups, deep_supervision=False,
+                                  nested=nested)
+        self.decoder = NestedUNet(cfg.latent_channels, p2, cfg.ae_widths, cfg.groups, deep_supervision=nested,
+                                  nested=nested)
         self.enc_linear = nn.Conv2d(p2, cfg.latent_channels, 1) if cfg.ae_linear_path else None
         self.dec_linear = nn.Conv2d(cfg.latent_channels, p2, 1) if cfg.ae_linear_path else None
 
@@ -198,6 +262,30 @@ class UNetPPAutoencoder(nn.Module):
             lin = self.dec_linear(z)
             outs = [o + lin for o in outs]
         return [F.pixel_shuffle(o, self.patch) for o in outs]
+
+    def full_decoder_parameters(self) -> list[nn.Parameter]:
+        """The decoder's parameters without its coarser deep-supervision heads (phase-1 aids)."""
+        aux_heads = {id(p) for head in self.decoder.heads[:-1] for p in head.parameters()}
+        return [p for p in self.decoder.parameters() if id(p) not in aux_heads]
+
+
+class PixelShuffleCodec(nn.Module):
+    """The parameter-free "autoencoder" of the pixel-space DDPM: ``encode`` pixel-unshuffles
+    (B,1,H,W) → (B,p²,H/p,W/p), ``decode`` shuffles back and returns ``[image]`` (one output, as a list
+    like :meth:`UNetPPAutoencoder.decode`). Lossless: decode(encode(x)) == x."""
+
+    def __init__(self, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(x, self.patch)
+
+    def decode(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return [F.pixel_shuffle(z, self.patch)]
+
+    def full_decoder_parameters(self) -> list[nn.Parameter]:
+        return []
 
 
 # ------------------------------------------------------------------------------------------- denoiser
@@ -354,13 +442,18 @@ class LTDiffPPNet(nn.Module):
     ``encode`` returns the *standardized* latent ((z − mean) / std per channel), which is what the
     diffusion model works in; ``decode`` takes a standardized latent. The statistics are buffers here
     and are stored in the model file's metadata.
+
+    The comparison variants (module docstring) keep this interface: ``"pixel-ddpm"`` has a
+    :class:`PixelShuffleCodec` as ``autoencoder`` (its "latent" is the unshuffled image; statistics stay
+    0 and 1), ``"unet++"`` has no ``denoiser`` (None): its conversion is ``render(condition(x).latent,
+    cond)`` = D(E(x)), and the diffusion methods raise.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.autoencoder = UNetPPAutoencoder(cfg)
-        self.denoiser = LatentDenoiser(cfg)
+        self.autoencoder = UNetPPAutoencoder(cfg) if cfg.has_autoencoder else PixelShuffleCodec(cfg.patch)
+        self.denoiser = LatentDenoiser(cfg) if cfg.has_diffusion else None
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels), persistent=False)
         self.register_buffer("latent_std", torch.ones(cfg.latent_channels), persistent=False)
         self.register_buffer("residual_std", torch.ones(cfg.latent_channels), persistent=False)
@@ -414,13 +507,15 @@ class LTDiffPPNet(nn.Module):
     def diffusion_target(self, z_target: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The variable the diffusion model generates for a target latent: the latent itself, or with the
         kernel prior the standardized residual (z_target − cond.latent) / residual_std."""
+        self._require_diffusion()
         if self.prior is None:
             return z_target
         return (z_target - cond.latent) / self._stat(self.residual_std, z_target)
 
     def render(self, z0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Image (B,1,H,W) from a generated diffusion variable z0 (the inverse of :meth:`diffusion_target`
-        followed by decoding): D(z0), or with the kernel prior base + D(cond.latent + z0 · residual_std)."""
+        followed by decoding): D(z0), or with the kernel prior base + D(cond.latent + z0 · residual_std).
+        For ``"unet++"`` z0 is the source latent itself (nothing is generated)."""
         if self.prior is None:
             return self.decode(z0)
         if cond.base is None:
@@ -430,7 +525,13 @@ class LTDiffPPNet(nn.Module):
 
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Denoiser output (v or x0, per ``config.prediction``) for noisy latent z_t at time t given cond."""
+        self._require_diffusion()
         return self.denoiser(z_t, t, cond)
+
+    def _require_diffusion(self) -> None:
+        if self.denoiser is None:
+            raise ValueError(f"a {self.config.variant!r} model has no diffusion: it converts with "
+                             "render(condition(x).latent, cond)")
 
     def sample_latent(self, cond: torch.Tensor, noise: torch.Tensor, *, steps: int, solver: str = "dpmpp2m",
                       grid: str = "logsnr", callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
