@@ -1,7 +1,8 @@
 """Training configuration: every hyper-parameter of the three phases, read from a JSON file.
 
 Unknown keys are errors (a typo must not silently fall back to a default). Example:
-``Training/configs/tiny.json`` (CI) and ``Training/configs/default.json`` (the shipped model).
+``Training/configs/tiny.json`` (CI) and ``Training/configs/default.json`` (the shipped model);
+``Training/configs/compare-*.json`` train the paper's comparison models (``model.variant``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from LTDiffPPLib.models import ModelConfig
+
+#: the training phases of each model variant (:data:`LTDiffPPLib.models.VARIANTS`): the direct
+#: translator has no diffusion (phase 1 only, on pairs), the pixel-space DDPM no autoencoder
+VARIANT_PHASES: dict[str, tuple[int, ...]] = {"ltdiff++": (1, 2, 3), "single-scale-ldm": (1, 2, 3),
+                                              "unet++": (1,), "pixel-ddpm": (2, 3)}
 
 
 @dataclass
@@ -39,6 +45,12 @@ class TrainConfig:
 
     ``autoencoder_from``: a checkpoint (``.pt``) or model file of an earlier run with the same
     autoencoder architecture; phase 1 is then skipped and its autoencoder used (recorded in the card).
+
+    Comparison models (``model.variant``, see :data:`VARIANT_PHASES`): ``"single-scale-ldm"`` trains as
+    above; ``"unet++"`` trains phase 1 only, on pairs (source in, target out: deep-supervision L1 +
+    ``lambda_nps`` · noise-power distance); ``"pixel-ddpm"`` trains phase 2 (and phase 3 when its steps
+    are > 0) on the pixel-unshuffled images. The steps of a phase the variant does not have must be
+    set to 0 in the configuration (an error otherwise, so that no one believes it ran).
 
     ``sampling`` (steps, solver, grid) becomes the exported model's default for inference;
     ``tensorboard`` writes scalars and source/converted/target panels to ``run_dir/tensorboard``
@@ -78,6 +90,11 @@ class TrainConfig:
     def phase(self, n: int) -> PhaseConfig:
         return (self.phase1, self.phase2, self.phase3)[n - 1]
 
+    @property
+    def phases(self) -> tuple[int, ...]:
+        """The phases this run trains, in order: the model variant's phases that have steps."""
+        return tuple(p for p in VARIANT_PHASES[self.model_config.variant] if self.phase(p).steps > 0)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -90,11 +107,24 @@ class TrainConfig:
                 _reject_unknown(PhaseConfig, kw[name], f"keys in {name}")
                 kw[name] = PhaseConfig(**kw[name])
         cfg = cls(**kw)
-        cfg.model_config  # validate the architecture now
-        _reject_unknown_keys(cfg.sampling, {"steps", "solver", "grid"}, "keys in sampling")
-        if cfg.patch % cfg.model_config.spatial_multiple:
-            raise ValueError(f"patch {cfg.patch} must be a multiple of {cfg.model_config.spatial_multiple}")
+        cfg.validate()
         return cfg
+
+    def validate(self) -> None:
+        """Raise ValueError for an invalid architecture, sampling keys, patch size or phase plan."""
+        mc = self.model_config
+        _reject_unknown_keys(self.sampling, {"steps", "solver", "grid"}, "keys in sampling")
+        if self.patch % mc.spatial_multiple:
+            raise ValueError(f"patch {self.patch} must be a multiple of {mc.spatial_multiple}")
+        own = VARIANT_PHASES[mc.variant]
+        extra = [f"phase{p}.steps" for p in (1, 2, 3) if p not in own and self.phase(p).steps != 0]
+        if extra:
+            raise ValueError(f"variant {mc.variant!r} trains phase(s) {', '.join(map(str, own))} only: "
+                             f"set {' and '.join(extra)} to 0")
+        if not self.phases:
+            raise ValueError(f"nothing to train: every phase of variant {mc.variant!r} has 0 steps")
+        if self.autoencoder_from and not mc.latent_diffusion:
+            raise ValueError(f"autoencoder_from needs a latent diffusion model, not variant {mc.variant!r}")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":

@@ -9,6 +9,11 @@ With ``model.kernel_prior`` the kernel ratio is first fitted on the training pai
 filtered source (:mod:`LTDiffPPLib.models`); after phase 1 the residual latent's std is measured too.
 ``autoencoder_from`` starts at phase 2 with the autoencoder (and latent statistics) of an earlier run.
 
+The paper's comparison models (``model.variant``) train with the same loop, running only their phases
+(:data:`Training.config.VARIANT_PHASES`): ``"unet++"`` phase 1 on pairs (source in, target out, deep
+supervision L1 + noise-power loss), ``"pixel-ddpm"`` phases 2–3 on pixel-unshuffled images,
+``"single-scale-ldm"`` all three. Latent statistics are measured only for a latent diffusion model.
+
 Each phase starts from the previous phase's EMA weights. Checkpoints (``run_dir/checkpoints``) hold the
 model, EMA, optimizer, LR schedule, phase, step, latent statistics and elapsed time; they are written
 atomically and read with ``torch.load(weights_only=True)`` (tensors and plain containers only, no code).
@@ -45,9 +50,6 @@ from LTDiffPPLib.sampler import add_noise
 from .config import TrainConfig
 from .data import PatchSampler
 
-PHASES = (1, 2, 3)
-
-
 # --------------------------------------------------------------------------------------------- losses
 
 
@@ -71,13 +73,10 @@ class PhaseLoss(nn.Module):
         self.net, self.cfg, self.phase, self.pixel_mm = net, cfg, phase, pixel_mm
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Losses of a batch of (B, 1, P, P) normalized source and target patches; ``gen`` draws t and noise."""
         net, cfg = self.net, self.cfg
         if self.phase == 1:
-            x = torch.cat([src, tgt])
-            outs = net.autoencoder.decode(net.autoencoder.encode(x))
-            w = cfg.deep_supervision_weights[-len(outs):]
-            rec = sum(wi * F.l1_loss(o, x) for wi, o in zip(w, outs)) / sum(w)
-            return {"loss": rec, "l1_full": F.l1_loss(outs[-1], x).detach()}
+            return self._autoencoder_loss(src, tgt)
         # phase 3 trains the decoder, which the conditioning's base image (kernel prior) depends on
         with torch.no_grad() if self.phase == 2 else contextlib.nullcontext():
             cond = net.condition(src, self.pixel_mm, base=self.phase == 3)
@@ -98,6 +97,21 @@ class PhaseLoss(nn.Module):
         return {"loss": fidelity + cfg.lambda_image * image + cfg.lambda_nps * nps,
                 "fidelity": fidelity.detach(), "image_l1": image.detach(), "nps": nps.detach()}
 
+    def _autoencoder_loss(self, src: torch.Tensor, tgt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Phase 1: deep-supervision L1 of the decoder heads. An autoencoder for latent diffusion
+        reconstructs patches of both kernels; the ``"unet++"`` direct translator maps source to target,
+        plus ``lambda_nps`` · noise-power distance so the target's grain is not averaged away."""
+        translate = not self.net.config.has_diffusion
+        x, y = (src, tgt) if translate else (torch.cat([src, tgt]),) * 2
+        outs = self.net.autoencoder.decode(self.net.autoencoder.encode(x))
+        w = self.cfg.deep_supervision_weights[-len(outs):]
+        rec = sum(wi * F.l1_loss(o, y) for wi, o in zip(w, outs)) / sum(w)
+        losses = {"loss": rec, "l1_full": F.l1_loss(outs[-1], y).detach()}
+        if translate:
+            nps = (radial_log_power(outs[-1]) - radial_log_power(y)).abs().mean()
+            losses.update(loss=rec + self.cfg.lambda_nps * nps, nps=nps.detach())
+        return losses
+
 
 def trainable(net: LTDiffPPNet, phase: int) -> list[nn.Parameter]:
     """Parameters trained in ``phase``. The encoder is frozen after phase 1; phase 3 decodes only the
@@ -106,9 +120,7 @@ def trainable(net: LTDiffPPNet, phase: int) -> list[nn.Parameter]:
         return list(net.autoencoder.parameters())
     if phase == 2:
         return list(net.denoiser.parameters())
-    aux_heads = {id(p) for head in net.autoencoder.decoder.heads[:-1] for p in head.parameters()}
-    decoder = [p for p in net.autoencoder.decoder.parameters() if id(p) not in aux_heads]
-    return list(net.denoiser.parameters()) + decoder
+    return list(net.denoiser.parameters()) + net.autoencoder.full_decoder_parameters()
 
 
 # -------------------------------------------------------------------------------------------- trainer
@@ -133,6 +145,7 @@ class Trainer:
         self.kernels = (dataset.manifest["source_kernel"], dataset.manifest["target_kernel"])
         self.dataset_summary = {"path": str(cfg.dataset), "pairs": len(dataset.pairs),
                                 "train_pairs": len(dataset.subset("train")), "val_pairs": len(dataset.subset("val"))}
+        cfg.validate()
         torch.manual_seed(cfg.seed)
         self.net = LTDiffPPNet(cfg.model_config).to(self.device)
         self.meta = default_metadata(cfg.model_config, name=cfg.export_name, source_kernel=self.kernels[0],
@@ -146,9 +159,9 @@ class Trainer:
         self.train = PatchSampler(dataset, "train", cfg.patch, self.meta["hu"], cfg.seed)
         self.val = PatchSampler(dataset, "val", cfg.patch, self.meta["hu"], cfg.seed + 1) if dataset.subset("val") else None
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.phase, self.step, self.elapsed = 1, 0, 0.0
+        self.phase, self.step, self.elapsed = cfg.phases[0], 0, 0.0
         self.history: list[dict[str, Any]] = []
-        self._new_optimizer(1)
+        self._new_optimizer(self.phase)
         if self.rank == 0:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -158,7 +171,7 @@ class Trainer:
             from LTDiffPPLib.modelfile import sha256_file
 
             self.meta["autoencoder_from"] = {"path": str(cfg.autoencoder_from), "sha256": sha256_file(cfg.autoencoder_from)}
-            if (self.phase, self.step) == (1, 0):
+            if (self.phase, self.step) == (cfg.phases[0], 0):
                 self._load_autoencoder(cfg.autoencoder_from)
         self.tb = _tensorboard_writer(self.run_dir / "tensorboard") if cfg.tensorboard and self.rank == 0 else None
 
@@ -166,7 +179,7 @@ class Trainer:
 
     def run(self) -> bool:
         """Train until all phases are done (True) or ``stop_after`` is reached (False)."""
-        for phase in PHASES:
+        for phase in self.cfg.phases:
             if phase < self.phase:
                 continue
             if phase > self.phase:
@@ -226,9 +239,10 @@ class Trainer:
         return True
 
     def _end_phase(self, phase: int) -> None:
-        """The next phase starts from this phase's EMA weights; after phase 1, measure latent statistics."""
+        """The next phase starts from this phase's EMA weights; after phase 1, measure latent statistics
+        (of a latent diffusion model: a direct translator's latent is no diffusion variable)."""
         self.net.load_state_dict(self.ema.state_dict())
-        if phase == 1:
+        if phase == 1 and self.net.config.latent_diffusion:
             self._latent_stats()
             self._residual_stats()
 
@@ -386,7 +400,8 @@ class Trainer:
         meta = dict(self.meta)
         hw = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
         meta["training"] = {
-            "status": "trained", "phases": {str(p): self.cfg.phase(p).steps for p in PHASES if p > 1 or not self.cfg.autoencoder_from}, "seed": self.cfg.seed,
+            "status": "trained", "variant": self.cfg.model_config.variant,
+            "phases": {str(p): self.cfg.phase(p).steps for p in self.cfg.phases if p > 1 or not self.cfg.autoencoder_from}, "seed": self.cfg.seed,
             "wall_time_s": round(self.elapsed, 1), "hardware": f"{self.device.type}: {hw} x{self.world}",
             "torch": torch.__version__, "dataset": self.dataset_summary, "config": self.cfg.to_dict(),
             "final": {k: v for k, v in (self.history[-1] if self.history else {}).items()},
@@ -398,7 +413,7 @@ class Trainer:
 
     def _global_step(self, phase: int) -> int:
         """Steps since the start of training (TensorBoard's x axis runs on across phases)."""
-        return sum(self.cfg.phase(p).steps for p in PHASES if p < phase) + self.step
+        return sum(self.cfg.phase(p).steps for p in self.cfg.phases if p < phase) + self.step
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -413,12 +428,15 @@ class Trainer:
 
     @torch.no_grad()
     def _log_panel(self, phase: int) -> None:
-        """TensorBoard image: source | EMA output (reconstruction in phase 1, conversion after) | target."""
+        """TensorBoard image: source | EMA output (reconstruction of the target in phase 1, conversion
+        after it and by a direct translator) | target."""
         if self.tb is None:
             return
         src, tgt = self.val.batch(2, phase, 0)
         src, tgt = src.to(self.device), tgt.to(self.device)
-        if phase == 1:
+        if not self.ema.config.has_diffusion:
+            out = self.ema.decode(self.ema.encode(src))
+        elif phase == 1:
             out = self.ema.decode(self.ema.encode(tgt))
         else:
             cond = self.ema.condition(src, self.pixel_mm)
