@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny real model file, and the shared real data (skipped with a reason when absent)."""
+"""Shared fixtures: a tiny real model file, a tiny simulated training dataset, and the shared real data
+(skipped with a reason when absent)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from LTDiffPPLib.datasets import pairs_from_simulation, write_dataset
+from LTDiffPPLib.io import CTVolume
 from LTDiffPPLib.modelfile import init_model, load_model
 from LTDiffPPLib.models import ModelConfig
+from LTDiffPPLib.phantom import qa_phantom
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -27,6 +31,17 @@ def tiny_model_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_path):
     return load_model(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """Three simulated 'patients' (QA phantoms with different noise seeds), B30f -> B70f, for training tests."""
+    pairs = []
+    for i in range(3):
+        vol = CTVolume(hu=qa_phantom((2, 64, 64), spacing_mm=3.2, noise_hu=0.0, seed=i), spacing=(3.2, 3.2, 2.0),
+                       origin=(0.0, 0.0, 0.0), direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+        pairs += pairs_from_simulation(vol, f"p{i}", "B30f", "B70f", doses=(1e5,), seed=i, workers=1)
+    return write_dataset(pairs, tmp_path_factory.mktemp("data") / "ds", val=0.34, test=0.34)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""Training end to end on a tiny configuration: three phases, exact resume, DDP (gloo, 2 ranks), export."""
+"""Training end to end on a tiny configuration: three phases, exact resume, DDP (gloo, 2 ranks), export.
+
+The dataset fixture (three simulated phantom 'patients') is in conftest.py."""
 
 import json
 import os
@@ -10,9 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from LTDiffPPLib.datasets import pairs_from_simulation, write_dataset
 from LTDiffPPLib.inference import standardize
-from LTDiffPPLib.io import CTVolume
 from LTDiffPPLib.modelfile import load_model
 from LTDiffPPLib.phantom import qa_phantom
 from Training.config import TrainConfig
@@ -20,17 +20,6 @@ from Training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "Training" / "configs" / "tiny.json"
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Three simulated 'patients' (QA phantoms with different noise seeds), B30f -> B70f."""
-    pairs = []
-    for i in range(3):
-        vol = CTVolume(hu=qa_phantom((2, 64, 64), spacing_mm=3.2, noise_hu=0.0, seed=i), spacing=(3.2, 3.2, 2.0),
-                       origin=(0.0, 0.0, 0.0), direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
-        pairs += pairs_from_simulation(vol, f"p{i}", "B30f", "B70f", doses=(1e5,), seed=i, workers=1)
-    return write_dataset(pairs, tmp_path_factory.mktemp("data") / "ds", val=0.34, test=0.34)
 
 
 def _cfg(dataset) -> TrainConfig:
