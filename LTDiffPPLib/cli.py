@@ -241,6 +241,12 @@ def _cmd_info(a: argparse.Namespace) -> int:
     else:
         print("sampling       none (direct translation)")
     print(f"architecture   {_architecture(arch)}")
+    if arch.kernel_prior:
+        prior = meta["kernel_prior"]
+        gain = prior["gain"]
+        step = prior["frequency_step_per_mm"]
+        at = ", ".join(f"{gain[min(len(gain) - 1, round(f / step))]:.2f} at {f} mm^-1" for f in (0.25, 0.5, 0.7))
+        print(f"kernel prior   radial gain {at}; fitted on {prior.get('fitted_on', 'unknown data')}")
     print(f"weights        {meta.get('weights_dtype', 'float32')}")
     print(f"training       {json.dumps(meta.get('training', {}), sort_keys=True)}")
     return 0

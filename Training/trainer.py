@@ -170,7 +170,8 @@ class Trainer:
         if cfg.autoencoder_from:
             from LTDiffPPLib.modelfile import sha256_file
 
-            self.meta["autoencoder_from"] = {"path": str(cfg.autoencoder_from), "sha256": sha256_file(cfg.autoencoder_from)}
+            self.meta["autoencoder_from"] = {"path": str(cfg.autoencoder_from),
+                                             "sha256": sha256_file(cfg.autoencoder_from)}
             if (self.phase, self.step) == (cfg.phases[0], 0):
                 self._load_autoencoder(cfg.autoencoder_from)
         self.tb = _tensorboard_writer(self.run_dir / "tensorboard") if cfg.tensorboard and self.rank == 0 else None
@@ -354,7 +355,8 @@ class Trainer:
             "format": "ltdiffpp-checkpoint", "format_version": 1, "phase": self.phase, "step": self.step,
             "net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(), "latent_mean": self.net.latent_mean.cpu(),
-            "latent_std": self.net.latent_std.cpu(), "residual_std": self.net.residual_std.cpu(), "elapsed": self.elapsed, "history": json.dumps(self.history),
+            "latent_std": self.net.latent_std.cpu(), "residual_std": self.net.residual_std.cpu(),
+            "elapsed": self.elapsed, "history": json.dumps(self.history),
             "config": json.dumps(self.cfg.to_dict()),
         }
         tmp = ckpt_dir / f".{path.name}.tmp-{os.getpid()}"

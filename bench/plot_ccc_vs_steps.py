@@ -1,4 +1,4 @@
-"""CCC against sampling steps, from an ``ltdiffpp evaluate`` run whose candidates are named "<SOLVER> <N> steps".
+"""CCC against sampling steps, from an ``ltdiffpp evaluate`` run whose candidates are named "<CURVE>[,] <N> steps".
 
     .venv/bin/python bench/plot_ccc_vs_steps.py RUN_DIR/results.json OUT.png
 
@@ -19,7 +19,7 @@ def main() -> None:
     methods = json.loads(results.read_text())["methods"]
     curves: dict[str, list[tuple[int, dict]]] = {}
     for name, m in methods.items():
-        hit = re.fullmatch(r"(\S+) (\d+) steps", name)
+        hit = re.fullmatch(r"(.+?),? (\d+) steps", name)
         if hit:
             curves.setdefault(hit.group(1), []).append((int(hit.group(2)), m["summary"]))
     import matplotlib
@@ -40,9 +40,10 @@ def main() -> None:
     ax.set_xscale("log")
     ax.set_xticks(sorted({s for pts in curves.values() for s, _ in pts}), minor=False)
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    fig.legend(fontsize=7, ncol=2, loc="lower center")
+    fig.tight_layout(rect=(0, 0.1 + 0.03 * len(curves), 1, 1))
     fig.savefig(out, dpi=100)
     print(out)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from LTDiffPPLib.inference import standardize
-from LTDiffPPLib.modelfile import RESOURCES, load_model, read_metadata
+from LTDiffPPLib.modelfile import load_model, read_metadata
 from LTDiffPPLib.models import LTDiffPPNet, ModelConfig
 from LTDiffPPLib.phantom import qa_phantom
 from Training.config import VARIANT_PHASES, TrainConfig
@@ -139,17 +139,20 @@ def test_pixel_space_model_diffuses_the_unshuffled_image_without_an_autoencoder(
     assert cfg.spatial_multiple == TINY.patch * 2 ** (len(TINY.den_widths) - 1)
 
 
-def test_ltdiffpp_without_a_variant_key_is_unchanged():
-    """Model files written before variants existed load as LTDiff++, with the same state-dict keys."""
-    shipped = RESOURCES / "models" / "ltdiffpp-b30f-b70f.safetensors"
-    meta = read_metadata(shipped)
-    assert "variant" not in meta["config"]
-    cfg = ModelConfig.from_dict(meta["config"])
-    assert cfg.variant == "ltdiff++" and cfg.has_autoencoder and cfg.has_diffusion
+def test_ltdiffpp_without_a_variant_key_is_unchanged(tiny_model_path, tmp_path):
+    """Model files written before variants existed (no "variant" in their config) load as LTDiff++."""
+    meta = read_metadata(tiny_model_path)
+    del meta["config"]["variant"]
     from safetensors import safe_open
+    from safetensors.torch import save_file
 
-    with safe_open(str(shipped), framework="pt") as f:
-        assert set(LTDiffPPNet(cfg).state_dict()) == set(f.keys())
+    with safe_open(str(tiny_model_path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old_file = tmp_path / "old.safetensors"
+    save_file(tensors, str(old_file), metadata={"format": "ltdiffpp-model", "format_version": "1",
+                                                "ltdiffpp": json.dumps(meta)})
+    m = load_model(old_file)
+    assert m.config.variant == "ltdiff++" and m.config.has_autoencoder and m.config.has_diffusion
     old = {k: v for k, v in TINY.to_dict().items() if k != "variant"}
     torch.manual_seed(0)
     a = LTDiffPPNet(ModelConfig.from_dict(old)).state_dict()
