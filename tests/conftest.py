@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +18,8 @@ from LTDiffPPLib.modelfile import init_model, load_model
 from LTDiffPPLib.models import ModelConfig
 from LTDiffPPLib.phantom import qa_phantom
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 #: a small architecture of the real model classes: fast on a CPU, same code paths as the default
 TINY = ModelConfig(patch=2, ae_widths=(8, 16, 16), latent_channels=4, den_widths=(8, 16), den_blocks=1,
@@ -42,6 +48,18 @@ def dataset(tmp_path_factory) -> Path:
                        origin=(0.0, 0.0, 0.0), direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
         pairs += pairs_from_simulation(vol, f"p{i}", "B30f", "B70f", doses=(1e5,), seed=i, workers=1)
     return write_dataset(pairs, tmp_path_factory.mktemp("data") / "ds", val=0.34, test=0.34)
+
+
+def train_ddp(config: dict[str, Any], run_dir: Path):
+    """Train ``config`` with torchrun on 2 CPU processes (gloo, 1 thread each); the exported model."""
+    cfg_path = run_dir.parent / f"{run_dir.name}-config.json"
+    cfg_path.write_text(json.dumps(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "Training", "train", "--config", str(cfg_path), "--run-dir", str(run_dir),
+                        "--device", "cpu"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return load_model(run_dir / "model.safetensors")
 
 
 @pytest.fixture(scope="session")

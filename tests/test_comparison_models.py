@@ -3,10 +3,6 @@ with the same trainer, exported and run by ``standardize`` like LTDiff++ (tiny s
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +14,8 @@ from LTDiffPPLib.models import LTDiffPPNet, ModelConfig
 from LTDiffPPLib.phantom import qa_phantom
 from Training.config import VARIANT_PHASES, TrainConfig
 from Training.trainer import Trainer
-from conftest import TINY
+from conftest import ROOT, TINY, train_ddp
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "Training" / "configs" / "tiny.json"
 COMPARISON = ("unet++", "pixel-ddpm", "single-scale-ldm")
 
@@ -198,12 +193,5 @@ def test_comparison_configs_are_valid_and_sized_like_the_default(name):
 @pytest.mark.parametrize("variant", COMPARISON, ids=_id)
 def test_ddp_two_ranks_gloo(variant, dataset, tmp_path):
     """torchrun with 2 CPU processes (gloo) trains every variant; rank 0 exports a loadable model."""
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(_config(dataset, variant).to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "Training", "train", "--config", str(cfg_path), "--run-dir", str(tmp_path / "ddp"),
-                        "--device", "cpu"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    m = load_model(tmp_path / "ddp" / "model.safetensors")
+    m = train_ddp(_config(dataset, variant).to_dict(), tmp_path / "ddp")
     assert m.metadata["training"]["hardware"].endswith("x2") and m.config.variant == variant

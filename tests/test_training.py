@@ -3,10 +3,6 @@
 The dataset fixture (three simulated phantom 'patients') is in conftest.py."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +13,8 @@ from LTDiffPPLib.modelfile import load_model
 from LTDiffPPLib.phantom import qa_phantom
 from Training.config import TrainConfig
 from Training.trainer import Trainer
+from conftest import ROOT, train_ddp
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "Training" / "configs" / "tiny.json"
 
 
@@ -144,12 +140,5 @@ def test_ddp_two_ranks_gloo(dataset, tmp_path):
     """torchrun with 2 CPU processes (gloo): completes, rank 0 exports a loadable model."""
     cfg = json.loads(TINY_CONFIG.read_text())
     cfg["dataset"] = str(dataset)
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "Training", "train", "--config", str(cfg_path), "--run-dir", str(tmp_path / "ddp"),
-                        "--device", "cpu"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    m = load_model(tmp_path / "ddp" / "model.safetensors")
+    m = train_ddp(cfg, tmp_path / "ddp")
     assert m.metadata["training"]["hardware"].endswith("x2")
