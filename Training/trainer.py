@@ -288,14 +288,9 @@ class Trainer:
             src, tgt = self.train.batch(self.cfg.phase2.batch_size, 0, batches + i, self.rank)
             src, tgt = src.to(self.device), tgt.to(self.device)
             res.append((self.net.encode(tgt) - self.net.condition(src, self.pixel_mm, base=False).latent).float())
-        r = torch.cat(res).transpose(0, 1).reshape(res[0].shape[1], -1)
-        moments = torch.stack([r.mean(1), r.square().mean(1)])
-        if self.world > 1:
-            dist.all_reduce(moments)
-            moments /= self.world
-        std = (moments[1] - moments[0] ** 2).clamp(min=1e-6).sqrt()
+        _, std = self._channel_stats(res)
         for net in (self.net, self.ema):
-            net.set_residual_std(std.cpu())
+            net.set_residual_std(std.clamp(min=1e-6).cpu())
 
     @torch.no_grad()
     def _latent_stats(self, batches: int = 8) -> None:
@@ -303,16 +298,19 @@ class Trainer:
         for i in range(batches):
             src, tgt = self.train.batch(self.cfg.phase1.batch_size, 0, i, self.rank)
             zs.append(self.net.autoencoder.encode(torch.cat([src, tgt]).to(self.device)).float())
-        z = torch.cat(zs).transpose(0, 1).reshape(zs[0].shape[1], -1)
-        if self.world > 1:  # pool the statistics of all ranks
-            moments = torch.stack([z.mean(1), z.square().mean(1)])
-            dist.all_reduce(moments)
-            moments /= self.world
-            mean, std = moments[0], (moments[1] - moments[0] ** 2).clamp(min=1e-12).sqrt()
-        else:
-            mean, std = z.mean(1), z.std(1)
+        mean, std = self._channel_stats(zs)
         for net in (self.net, self.ema):
             net.set_latent_stats(mean.cpu(), std.clamp(min=1e-6).cpu())
+
+    def _channel_stats(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std (C,) of (B, C, h, w) batches, pooled over all DDP ranks."""
+        z = torch.cat(batches).transpose(0, 1).reshape(batches[0].shape[1], -1)
+        if self.world == 1:
+            return z.mean(1), z.std(1)
+        moments = torch.stack([z.mean(1), z.square().mean(1)])
+        dist.all_reduce(moments)
+        moments /= self.world
+        return moments[0], (moments[1] - moments[0] ** 2).clamp(min=1e-12).sqrt()
 
     @torch.no_grad()
     def validate(self, phase: int) -> float:
