@@ -203,9 +203,12 @@ class Trainer:
         bar = self._bar(phase, pc.steps)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         t_last = time.perf_counter()
+        window_t0, window_steps = None, 0  # the training steps since the last log record (throughput)
         while self.step < pc.steps:
             if self.stop_after == (phase, self.step):
                 return False
+            if window_t0 is None:
+                window_t0, window_steps = time.perf_counter(), 0
             src, tgt = self.train.batch(pc.batch_size, phase, self.step, self.rank)
             gen = torch.Generator().manual_seed(_seed(self.cfg.seed, phase, self.step, self.rank))
             with autocast:
@@ -217,6 +220,7 @@ class Trainer:
             self.sched.step()
             self._update_ema()
             self.step += 1
+            window_steps += 1
             now = time.perf_counter()
             self.elapsed += now - t_last
             t_last = now
@@ -224,8 +228,15 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss'].item():.4f}")
             if self.step % self.cfg.log_every == 0 or self.step == pc.steps:
-                self._log({"phase": phase, "step": self.step, "lr": self.sched.get_last_lr()[0],
-                           "grad_norm": float(grad_norm), **{k: float(v.detach()) for k, v in out.items()}})
+                record = {"phase": phase, "step": self.step, "lr": self.sched.get_last_lr()[0],
+                          "grad_norm": float(grad_norm), **{k: float(v.detach()) for k, v in out.items()}}
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                step_s = (time.perf_counter() - window_t0) / window_steps
+                # throughput of the training steps alone (validation and checkpoints come after this)
+                record.update(step_seconds=step_s, patches_per_s=pc.batch_size * self.world / step_s)
+                self._log(record)
+                window_t0 = None
             if self.val is not None and (self.step % self.cfg.val_every == 0 or self.step == pc.steps):
                 self._log({"phase": phase, "step": self.step, "val_loss": self.validate(phase)})
                 self._log_panel(phase)
@@ -403,11 +414,26 @@ class Trainer:
             "status": "trained", "variant": self.cfg.model_config.variant,
             "phases": {str(p): self.cfg.phase(p).steps for p in self.cfg.phases if p > 1 or not self.cfg.autoencoder_from}, "seed": self.cfg.seed,
             "wall_time_s": round(self.elapsed, 1), "hardware": f"{self.device.type}: {hw} x{self.world}",
+            "throughput": self.throughput(),
             "torch": torch.__version__, "dataset": self.dataset_summary, "config": self.cfg.to_dict(),
             "final": {k: v for k, v in (self.history[-1] if self.history else {}).items()},
             "evaluation": evaluation or {},
         }
         return save_model(self.ema, path, meta, overwrite=overwrite, weights_dtype=self.cfg.export_weights_dtype)
+
+    def throughput(self) -> dict[str, dict[str, float]]:
+        """Per trained phase: batch size (per process), median seconds per training step and patches
+        (``patch``² px, all processes together) per second over the logged windows; validation and
+        checkpoints not included."""
+        out = {}
+        for p in self.cfg.phases:
+            secs = [r["step_seconds"] for r in self.history if r.get("phase") == p and "step_seconds" in r]
+            if secs:
+                step_s = float(np.median(secs))
+                bs = self.cfg.phase(p).batch_size
+                out[str(p)] = {"batch_size": bs, "step_seconds": round(step_s, 4),
+                               "patches_per_s": round(bs * self.world / step_s, 2)}
+        return out
 
     # --------------------------------------------------------------------------------------- logging
 

@@ -41,12 +41,18 @@ def test_three_phases_run_and_export_a_working_model(full_run, tmp_path):
     hist = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {h["phase"] for h in hist} == {1, 2, 3}
     assert any("nps" in h for h in hist) and any("val_loss" in h for h in hist)
+    steps = [h for h in hist if "loss" in h]
+    assert steps and all(h["step_seconds"] > 0 for h in steps)
+    batch = {p: t.cfg.phase(p).batch_size for p in (1, 2, 3)}
+    assert all(h["patches_per_s"] == pytest.approx(batch[h["phase"]] / h["step_seconds"]) for h in steps)
     assert not torch.allclose(t.ema.latent_std, torch.ones_like(t.ema.latent_std))  # measured after phase 1
     out = tmp_path / "m.safetensors"
     t.export(out)
     m = load_model(out)
     assert m.metadata["training"]["status"] == "trained" and m.metadata["source_kernel"] == "B30f"
     assert m.metadata["training"]["phases"] == {"1": 6, "2": 6, "3": 4}
+    assert set(m.metadata["training"]["throughput"]) == {"1", "2", "3"}
+    assert all(v["patches_per_s"] > 0 for v in m.metadata["training"]["throughput"].values())
     vol = qa_phantom((2, 64, 64), spacing_mm=3.2, seed=9)
     res = standardize(vol, None, m, steps=2, device="cpu")
     assert res.shape == vol.shape and np.isfinite(res).all()
