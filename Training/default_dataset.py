@@ -1,6 +1,7 @@
-"""The recipe of the default model's training data: ``python -m Training.default_dataset OUT``.
+"""The recipe of the default model's training data: ``python -m Training.default_dataset OUT [--kernels B30f,B70f]``.
 
-Simulated B30f → B70f pairs (:mod:`LTDiffPPLib.simulation`, kernels calibrated on the real test1 pair),
+Simulated B30f → B70f pairs (:mod:`LTDiffPPLib.simulation`, kernels calibrated on the real test1 pair;
+``--kernels B30f,B50f`` makes the same scans with another target kernel),
 all at 0.7 mm pixels, the pixel size of the real validation pair (0.693 mm) — kernel texture is
 measured in cycles/mm, so the model is trained at the pixel size it is meant for:
 
@@ -46,27 +47,35 @@ def _every(volume: CTVolume, step: int, start: int) -> CTVolume:
                    origin=tuple(np.asarray(volume.origin) + start * sz * normal))
 
 
-def build(shared_data: Path, out: Path, *, workers: int | None = None, overwrite: bool = False) -> Path:
-    """Simulate every pair and write the dataset folder ``out``; returns its path."""
+def build(shared_data: Path, out: Path, *, kernels: tuple[str, str] = KERNELS, test_only: bool = False,
+          workers: int | None = None, overwrite: bool = False) -> Path:
+    """Simulate every (source, target) = ``kernels`` pair and write the dataset folder ``out``; returns its path.
+    ``test_only``: only the held-out test pair (about a minute), e.g. for evaluations of a trained model.
+
+    The seeds do not depend on the kernels: datasets of different target kernels hold the same noisy
+    scans, so their source images are identical."""
     pairs: list[Pair] = []
     splits: dict[str, str] = {}
-    chest = resample_inplane(read_dicom_series(shared_data / "chest_ct" / "itkelastix_philips_C"), PIXEL_MM, SIZE)
-    for j, dose in enumerate(CHEST_DOSES):
-        part = _every(chest, len(CHEST_DOSES), j)
-        print(f"chest CT: {part.hu.shape[0]} slices at {dose:.3g} photons/ray", flush=True)
-        pairs += pairs_from_simulation(part, "philips-chest", *KERNELS, doses=(dose,), seed=100 + j, workers=workers)
-    splits["philips-chest"] = "train"
-    for i in range(TRAIN_PHANTOMS + VAL_PHANTOMS):
-        level = PHANTOM_LEVELS_MM[i % len(PHANTOM_LEVELS_MM)]
-        vol = chest_phantom_volume((4, SIZE, SIZE), (PIXEL_MM, PIXEL_MM, 2.0), seed=i,
-                                   options=ChestPhantomOptions(z_center_mm=level))
-        dose = PHANTOM_DOSES[i % len(PHANTOM_DOSES)]
-        print(f"phantom {i}: level {level:+.0f} mm at {dose:.3g} photons/ray", flush=True)
-        pairs += pairs_from_simulation(vol, f"phantom-{i}", *KERNELS, doses=(dose,), seed=200 + i, workers=workers)
-        splits[f"phantom-{i}"] = "train" if i < TRAIN_PHANTOMS else "val"
+    if not test_only:  # the train and val splits
+        chest = resample_inplane(read_dicom_series(shared_data / "chest_ct" / "itkelastix_philips_C"), PIXEL_MM, SIZE)
+        for j, dose in enumerate(CHEST_DOSES):
+            part = _every(chest, len(CHEST_DOSES), j)
+            print(f"chest CT: {part.hu.shape[0]} slices at {dose:.3g} photons/ray", flush=True)
+            pairs += pairs_from_simulation(part, "philips-chest", *kernels, doses=(dose,), seed=100 + j,
+                                           workers=workers)
+        splits["philips-chest"] = "train"
+        for i in range(TRAIN_PHANTOMS + VAL_PHANTOMS):
+            level = PHANTOM_LEVELS_MM[i % len(PHANTOM_LEVELS_MM)]
+            vol = chest_phantom_volume((4, SIZE, SIZE), (PIXEL_MM, PIXEL_MM, 2.0), seed=i,
+                                       options=ChestPhantomOptions(z_center_mm=level))
+            dose = PHANTOM_DOSES[i % len(PHANTOM_DOSES)]
+            print(f"phantom {i}: level {level:+.0f} mm at {dose:.3g} photons/ray", flush=True)
+            pairs += pairs_from_simulation(vol, f"phantom-{i}", *kernels, doses=(dose,), seed=200 + i,
+                                           workers=workers)
+            splits[f"phantom-{i}"] = "train" if i < TRAIN_PHANTOMS else "val"
     abdomen = resample_inplane(read_dicom_series(shared_data / "chest_ct" / "totalsegmentator_siemens_Br38f"), PIXEL_MM, SIZE)
     print(f"held-out test: Siemens Br38f, {abdomen.hu.shape[0]} slices at {TEST_DOSE:.3g} photons/ray", flush=True)
-    pairs += pairs_from_simulation(abdomen, "siemens-br38f", *KERNELS, doses=(TEST_DOSE,), seed=300, workers=workers)
+    pairs += pairs_from_simulation(abdomen, "siemens-br38f", *kernels, doses=(TEST_DOSE,), seed=300, workers=workers)
     splits["siemens-br38f"] = "test"
     return write_dataset(pairs, out, splits=splits, overwrite=overwrite)
 
@@ -76,13 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path, help="dataset folder to create")
     ap.add_argument("--shared-data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
                     help="the folder holding chest_ct/ (default: ../shared/data beside the repository)")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help="source,target (default: %(default)s)")
+    ap.add_argument("--test-only", action="store_true", help="only the held-out test split (the Siemens volume)")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
     if not (a.shared_data / "chest_ct").is_dir():
         print(f"error: {a.shared_data / 'chest_ct'} not found; pass --shared-data", file=sys.stderr)
         return 2
-    print(build(a.shared_data, a.out, workers=a.workers, overwrite=a.overwrite))
+    kernels = tuple(k.strip() for k in a.kernels.split(","))
+    if len(kernels) != 2:
+        ap.error(f"--kernels takes two names, source,target (got {a.kernels!r})")
+    print(build(a.shared_data, a.out, kernels=kernels, test_only=a.test_only, workers=a.workers, overwrite=a.overwrite))
     return 0
 
 
