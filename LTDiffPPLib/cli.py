@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,19 +29,25 @@ from .models import ModelConfig
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed stdout shows here, inside the handlers below
+        return code
     except LTDiffPPError as exc:
         print(f"ltdiffpp: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("ltdiffpp: interrupted; no output was written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (`ltdiffpp info M | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_BROKEN_PIPE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the shared noise field (default 0)")
     s.add_argument("--batch-size", type=int, help="slices per batch (default 2 on CPU, 16 on GPU)")
     s.add_argument("--ensemble", type=int, default=1, help="average K samples (default 1)")
+    s.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="network arithmetic (default auto: bfloat16 on CUDA, float32 elsewhere)")
     s.add_argument("--series-uid", help="SeriesInstanceUID to read when the folder holds several series")
     s.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -137,14 +146,14 @@ def _cmd_standardize(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         hu = standardize(volume.hu, volume.spacing, model, device=a.device, steps=steps, solver=solver, seed=a.seed,
-                         batch_size=a.batch_size, ensemble=a.ensemble, progress=progress)
+                         batch_size=a.batch_size, ensemble=a.ensemble, progress=progress, precision=a.precision)
     finally:
         bar.close()
     description = (f"LTDiffPP {meta['source_kernel']}->{meta['target_kernel']} ({meta.get('name', model.path.stem)}, "
                    f"{solver} {steps} steps, seed {a.seed})")
     provenance = {"software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
                   "model": str(meta.get("name", model.path.stem)), "model_sha256": model.sha256,
-                  "sampling": f"{solver} {steps} steps, seed {a.seed}, ensemble {a.ensemble}"}
+                  "sampling": f"{solver} {steps} steps, seed {a.seed}, ensemble {a.ensemble}, precision {a.precision}"}
     out = write_volume(volume.with_hu(hu), a.output, overwrite=a.overwrite, series_description=description,
                        convolution_kernel=meta["target_kernel"], provenance=provenance)
     if not a.quiet:

@@ -74,6 +74,7 @@ def standardize(
     cancel: threading.Event | None = None,
     out: np.ndarray | None = None,
     timings: dict[str, float] | None = None,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Convert a CT volume from the model's source kernel to its target kernel.
 
@@ -95,6 +96,10 @@ def standardize(
         timings: when given, seconds spent in each phase are *added* to it under ``"copy"`` (HU
             normalization, padding, transfers to and from the device, writing into ``out``), ``"encode"``,
             ``"sample"`` and ``"decode"`` (on a GPU each phase then ends with a synchronization).
+        precision: the networks' arithmetic: ``"float32"``, ``"bfloat16"`` (autocast; the sampler's ODE
+            state and the kernel prior's FFT stay float32), or ``"auto"``: bfloat16 on CUDA, float32
+            elsewhere (on a CPU bf16 is fast only with native bf16 instructions such as AVX512_BF16;
+            docs/RESULTS.md measures its CCC against float32: within 0.002).
 
     Returns:
         float32 array of the input's shape, in HU, clipped to the model's HU range.
@@ -132,7 +137,7 @@ def standardize(
         raise InputError(f"`out` has shape {out.shape}, expected {vol.shape}")
     latent_shape = (cfg.latent_channels, (h + ph) // cfg.patch, (w + pw) // cfg.patch)
     noises = [initial_noise(latent_shape, seed + k, dev) for k in range(ensemble)] if steps else []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    autocast = _autocast(dev, precision)
     work_per_batch = ensemble * steps
 
     def phase(name: str) -> contextlib.AbstractContextManager[None]:
@@ -208,6 +213,18 @@ def _check_volume(volume_hu: Any) -> np.ndarray:
     if not np.isfinite(vol).all():
         raise InputError(f"the volume has {int((~np.isfinite(vol)).sum())} NaN/Inf voxels")
     return vol
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` (see :func:`standardize`) on ``dev``."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bfloat16" or (precision == "auto" and dev.type == "cuda"):
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _pixel_mm(spacing: tuple[float, ...] | None, meta: dict[str, Any]) -> tuple[float, float]:

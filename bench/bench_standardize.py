@@ -13,7 +13,9 @@ Also measured:
 
 * FLOPs per slice of the encoder, one denoiser step and the decoder (``torch.utils.flop_counter``,
   multiply-add = 2 FLOPs) and the achieved GFLOP/s of the whole run;
-* the practical float32 peak of this device: the best GFLOP/s of a 4096² × 4096² ``torch.matmul``;
+* the practical peak of this device in the arithmetic ``standardize`` uses there: the best GFLOP/s of a
+  4096² × 4096² float32 ``torch.matmul`` on the CPU, of an 8192² bf16 one on CUDA (where ``standardize``
+  runs under bf16 autocast), and the fraction of it each phase reaches (``sample`` is the denoiser);
   on the CPU also the nominal peak (cores × FLOP/cycle × clock from /proc/cpuinfo; 32 FLOP/cycle for
   two 256-bit FMA pipes, i.e. AVX2+FMA; 64 with AVX-512).
 
@@ -265,8 +267,13 @@ def main() -> int:
             "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
         })
         if not a.no_peak:
-            res["matmul_peak_gflops"] = matmul_peak(dev)
+            # the peak of the arithmetic standardize runs in: bf16 under CUDA autocast, float32 elsewhere
+            peak_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+            res["matmul_peak_dtype"] = str(peak_dtype).removeprefix("torch.")
+            res["matmul_peak_gflops"] = matmul_peak(dev, n=8192 if dev.type == "cuda" else 4096, dtype=peak_dtype)
             res["fraction_of_matmul_peak"] = res["achieved_gflops"] / res["matmul_peak_gflops"]
+            res["fraction_of_matmul_peak_per_phase"] = {
+                k: v / res["matmul_peak_gflops"] for k, v in res["achieved_gflops_per_phase"].items()}
             if dev.type == "cpu":
                 res["nominal_cpu_peak"] = nominal_cpu_peak()
     print(json.dumps(res, indent=2))

@@ -1,7 +1,7 @@
 """Benchmark: end-to-end standardization of 512×512×N volumes, file in → file out, per phase and peak memory.
 
     .venv/bin/python bench/bench_volume.py [--slices 50 150 300] [--model PATH] [--device auto]
-        [--batch-size B] [--steps N] [--workdir DIR] [--json OUT.json]
+        [--batch-size B] [--steps N] [--precision auto|float32|bfloat16] [--workdir DIR] [--json OUT.json]
 
 Input: a digital chest phantom (``LTDiffPPLib.phantom.chest_phantom_volume``, 512², 0.70 mm pixels,
 1.0 mm slices) with seeded Gaussian noise (σ 15 HU, a smooth-kernel-like noise level) rounded to int16
@@ -82,7 +82,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     model.net.to(dev)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    standardize(np.full((1, 512, 512), -1000, np.float32), None, model, device=dev, steps=1, batch_size=a.batch_size)
+    standardize(np.full((1, 512, 512), -1000, np.float32), None, model, device=dev, steps=1, batch_size=a.batch_size,
+                precision=a.precision)
     sync(dev)
     t_warm = time.perf_counter() - t0
     if dev.type == "cuda":
@@ -93,7 +94,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     volume = read_volume(a.input)
     timings["read"] = time.perf_counter() - t_start
     hu = standardize(volume.hu, volume.spacing, model, device=dev, steps=a.steps, batch_size=a.batch_size,
-                     timings=timings)
+                     timings=timings, precision=a.precision)
     t0 = time.perf_counter()
     write_volume(volume.with_hu(hu), a.output, overwrite=True)
     timings["write"] = time.perf_counter() - t0
@@ -105,6 +106,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         "steps": int(a.steps or model.metadata["sampling"]["steps"]),
         "solver": model.metadata["sampling"]["solver"],
         "batch_size": a.batch_size or default_batch_size(dev),
+        "precision": a.precision,
         "device": dev.type,
         "torch_threads": torch.get_num_threads(),
         "model_load_s": t_load,
@@ -127,6 +129,8 @@ def main() -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="default: the model's sampling steps")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="standardize's precision (default auto: bf16 on CUDA, float32 elsewhere)")
     p.add_argument("--workdir", help="where inputs are cached and outputs written (default: a temporary folder)")
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("--worker", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS)
@@ -150,7 +154,8 @@ def main() -> int:
         for n in a.slices:
             inp = make_input(workdir, n, n_max)
             out = workdir / f"out_{n}.nrrd"
-            cmd = [sys.executable, __file__, "--worker", str(inp), str(out), "--device", a.device]
+            cmd = [sys.executable, __file__, "--worker", str(inp), str(out), "--device", a.device,
+                   "--precision", a.precision]
             for flag, val in (("--model", a.model), ("--batch-size", a.batch_size), ("--steps", a.steps)):
                 if val is not None:
                     cmd += [flag, str(val)]
@@ -170,7 +175,8 @@ def main() -> int:
         print(f"| {r['slices']} | " + " | ".join(f"{ph[k]:.1f}" for k in PHASES)
               + f" | {r['total_s']:.1f} | {r['seconds_per_slice']:.2f} | {r['slices_per_second']:.2f} | {r['peak_rss_mb']:.0f} | {gpu} |")
     print(f"\n{summary['hardware']}; {summary['software']}; {results[0]['model']}; "
-          f"{results[0]['solver']} {results[0]['steps']} steps, batch {results[0]['batch_size']}")
+          f"{results[0]['solver']} {results[0]['steps']} steps, batch {results[0]['batch_size']}, "
+          f"precision {results[0]['precision']}")
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=2))
     return 0

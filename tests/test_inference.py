@@ -162,3 +162,25 @@ def test_default_cpu_batch_stays_within_0_01_hu_of_the_previous_default(volume, 
 
     assert default_batch_size(torch.device("cpu")) == 2 and default_batch_size(torch.device("cuda")) == 16
     np.testing.assert_allclose(run(volume, tiny_model), run(volume, tiny_model, batch_size=4), atol=0.01, rtol=0)
+
+
+def test_bfloat16_precision_is_deterministic_and_close_to_float32():
+    """precision="bfloat16" (what CUDA runs by default) on the CPU: same output twice, and within a few HU
+    of float32 with the shipped model (its noise is ~120 HU; docs/RESULTS.md compares the CCC)."""
+    from LTDiffPPLib.modelfile import load_model
+
+    model = load_model(None)
+    vol = qa_phantom((2, 128, 128), spacing_mm=0.7, noise_hu=15.0, seed=0)
+    fp32 = standardize(vol, (0.7, 0.7, 1.0), model, device="cpu")
+    bf16 = standardize(vol, (0.7, 0.7, 1.0), model, device="cpu", precision="bfloat16")
+    np.testing.assert_array_equal(bf16, standardize(vol, (0.7, 0.7, 1.0), model, device="cpu", precision="bfloat16"))
+    diff = bf16 - fp32
+    assert np.abs(diff).max() > 0.1  # bf16 really ran
+    assert np.median(np.abs(diff)) < 5.0 and abs(diff.mean()) < 1.0
+    assert np.std(bf16 - vol) == pytest.approx(np.std(fp32 - vol), rel=0.01)
+    np.testing.assert_array_equal(fp32, standardize(vol, (0.7, 0.7, 1.0), model, device="cpu", precision="float32"))
+
+
+def test_unknown_precision_is_refused(volume, tiny_model):
+    with pytest.raises(InputError, match="precision"):
+        run(volume, tiny_model, precision="float8")
