@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/plot_ccc_vs_steps.py RUN_DIR/results.json OUT.png
 
-One line per solver: mean CCC over all features, and per paper class as thin lines. The default step
+One line per solver (and precision): mean CCC over all features; per paper class as thin lines for the
+curve with the most points. The default step
 count of a model is chosen from this curve (docs/RESULTS.md).
 """
 
@@ -14,9 +15,8 @@ import sys
 from pathlib import Path
 
 
-def main() -> None:
-    results, out = Path(sys.argv[1]), Path(sys.argv[2])
-    methods = json.loads(results.read_text())["methods"]
+def plot(methods: dict, out: Path) -> Path:
+    """The curves of the ``methods`` of a results.json named "<CURVE>[,] <N> steps" into ``out`` (PNG)."""
     curves: dict[str, list[tuple[int, dict]]] = {}
     for name, m in methods.items():
         hit = re.fullmatch(r"(.+?),? (\d+) steps", name)
@@ -27,14 +27,17 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    # the mean over all features for every curve; per paper class (thin) for the curve with most points
+    main = max(curves, key=lambda c: (len(curves[c]), c == "DPM++(2M)")) if curves else None
     for solver, pts in sorted(curves.items()):
         pts.sort()
         steps = [s for s, _ in pts]
         ax.plot(steps, [summ["all"]["all"]["mean"] for _, summ in pts], "o-", lw=2, label=f"{solver}: all features")
-        for cls in pts[0][1]["paper"]:
-            ax.plot(steps, [summ["paper"][cls]["mean"] for _, summ in pts], lw=0.8, alpha=0.6,
-                    label=f"{solver}: {cls}" if len(pts) > 1 else None)
+        if solver == main:
+            for cls in pts[0][1]["paper"]:
+                ax.plot(steps, [summ["paper"][cls]["mean"] for _, summ in pts], lw=0.8, alpha=0.6,
+                        label=f"{solver}: {cls}")
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("Lin's CCC (mean over features)")
     ax.set_xscale("log")
@@ -42,10 +45,16 @@ def main() -> None:
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
-    fig.legend(fontsize=7, ncol=2, loc="lower center")
-    fig.tight_layout(rect=(0, 0.1 + 0.03 * len(curves), 1, 1))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     fig.savefig(out, dpi=100)
-    print(out)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    results, out = Path(sys.argv[1]), Path(sys.argv[2])
+    print(plot(json.loads(results.read_text())["methods"], out))
 
 
 if __name__ == "__main__":
