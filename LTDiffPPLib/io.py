@@ -879,11 +879,26 @@ def _new_series_dataset(volume: CTVolume, series_description: str, convolution_k
 
 
 def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it, else what ``platform`` knows (for benchmark and model-card records)."""
+    """The CPU model as /proc/cpuinfo names it, else what ``platform`` knows (for benchmark and model-card records).
+
+    Virtual machines often report a bare family name ("AMD EPYC") for CPUs of different generations, so the
+    family/model numbers and the widest vector extension (AVX-512 with or without BF16, AVX2) are appended."""
     try:
+        info: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, sep, value = line.partition(":")
+            if not sep:
+                if info:
+                    break  # the first processor is enough
+                continue
+            info.setdefault(key.strip(), value.strip())
+        if "model name" in info:
+            flags = set(info.get("flags", "").split())
+            isa = ("AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+                   else "AVX2" if "avx2" in flags else "")
+            ids = f"family {info['cpu family']} model {info['model']}" if {"cpu family", "model"} <= set(info) else ""
+            extra = ", ".join(x for x in (ids, isa) if x)
+            return f"{info['model name']} ({extra})" if extra else info["model name"]
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"

@@ -129,6 +129,16 @@ def test_console_script_runs_with_progress_bar(small_nrrd, tiny_model_path, tmp_
     assert out.is_file()
 
 
+def test_output_cut_short_by_a_closed_pipe_is_no_traceback(tiny_model_path):
+    """`ltdiffpp info MODEL | head -1`: the reader goes away; the CLI stops quietly with 141, like `cat`.
+    (`true` exits without reading, long before the CLI has imported torch and printed.)"""
+    p = subprocess.run(f"{sys.executable} -m LTDiffPPLib.cli info {tiny_model_path} | true; "
+                       "echo ${PIPESTATUS[0]}", shell=True, capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1], executable="/bin/bash")
+    assert p.stdout.strip() == "141", p.stderr
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
 def test_real_dicom_series_end_to_end(shared_data, tiny_model_path, tmp_path):
     """The real Siemens Br38f series (JPEG 2000, 20 slices) in, a DICOM series out, tags carried over."""
     src = shared_data / "chest_ct" / "totalsegmentator_siemens_Br38f"

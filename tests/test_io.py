@@ -493,3 +493,16 @@ def test_dicom_geometry_round_trip_property(tmp_path_factory, spacing, origin, q
     np.testing.assert_allclose(back.spacing, spacing, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(back.origin, origin, rtol=0, atol=1e-4)
     np.testing.assert_allclose(back.direction, v.direction, rtol=0, atol=1e-4)
+
+
+def test_cpu_name_tells_the_cpu_generation_apart():
+    """Benchmarks and model cards record the CPU; VMs often call different generations just "AMD EPYC"."""
+    from pathlib import Path
+
+    from LTDiffPPLib.io import cpu_name
+
+    name = cpu_name()
+    assert name and name == cpu_name()
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "cpu family" in info and "model name" in info:
+        assert "family" in name and "model" in name
