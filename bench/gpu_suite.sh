@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of BENCHMARKS.md as one prepared run, for a lent NVIDIA machine (issue: performance).
 #
-#   bash bench/gpu_suite.sh --prepare   # here, once: wheels the GPU machine lacks -> .whl/, a small
-#                                       # simulated training dataset -> .gpu-data/ (both git-ignored)
-#   bash bench/gpu_suite.sh             # there, from the repository root (carry .whl and .gpu-data):
+#   bash bench/gpu_suite.sh --prepare   # here, once: the wheels the GPU machine lacks -> .whl/ (git-ignored)
+#   bash bench/gpu_suite.sh             # there, from the repository root (carry .whl):
 #                                       # results as JSON (and a log) under $OUT, or ./gpu-results
 #   PYTHON=.venv/bin/python DEVICE=cpu N=4 NV=4 bash bench/gpu_suite.sh   # a rehearsal on a CPU, small sizes
 #
@@ -14,7 +13,8 @@
 #   3. training throughput per phase (patches/s) for default.json and large.json at their batch sizes;
 #   4. the Choe-2019-kind peer CNN at batch 1, 16, 64.
 # The GPU machine's own python3 holds PyTorch; LTDiffPP's other needs that it lacks (SimpleITK,
-# pydicom) travel as wheels; the benchmarks import nothing else that is missing there. The device tool
+# pydicom) travel as wheels; the benchmarks import nothing else that is missing there (without
+# astra-toolbox, bench_training.py makes its small training set by image-space kernel filtering). The device tool
 # returns at most 8 files from $OUT: this writes 8 (7 JSON files and the log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,17 +23,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl "SimpleITK>=2.3,<3" "pydicom>=2.4,<4"
-    .venv/bin/python - <<'EOF'
-import sys
-from pathlib import Path
-sys.path.insert(0, "bench")
-from bench_training import small_dataset
-out = Path(".gpu-data")
-out.mkdir(exist_ok=True)
-if not (out / "ds" / "manifest.json").is_file():
-    print(small_dataset(out))
-EOF
-    du -sh .whl .gpu-data
+    # a device call carries at most 64 MiB (67,108,864 bytes): the wheels and the tracked files together
+    du -cb .whl/* $(git ls-files) | tail -n 1
     exit 0
 fi
 
@@ -58,8 +49,8 @@ for b in 16 64; do
     run "$PY" bench/bench_volume.py --model $M --device $DEVICE --slices $NV --batch-size $b --workdir /tmp/bv \
         --json "$OUT/volume_b$b.json"
 done
-run "$PY" bench/bench_training.py --device $DEVICE --dataset .gpu-data/ds --json "$OUT/train_default.json"
-run "$PY" bench/bench_training.py --device $DEVICE --dataset .gpu-data/ds --config Training/configs/large.json \
+run "$PY" bench/bench_training.py --device $DEVICE --json "$OUT/train_default.json"
+run "$PY" bench/bench_training.py --device $DEVICE --config Training/configs/large.json \
     --json "$OUT/train_large.json"
 run "$PY" bench/bench_peer_cnn.py --device $DEVICE --slices $N --batch-size 1 16 64 --json "$OUT/peer_cnn.json"
 ls -la "$OUT"
