@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import InputError, LTDiffPPError, OutputError
+from .inference import PRECISIONS
 from .io import check_output_path, is_image_path, read_volume, software_versions, write_volume
 from .modelfile import load_model, read_metadata, registry, resolve_model, sha256_file
 from .models import ModelConfig
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the shared noise field (default 0)")
     s.add_argument("--batch-size", type=int, help="slices per batch (default 2 on CPU, 16 on GPU)")
     s.add_argument("--ensemble", type=int, default=1, help="average K samples (default 1)")
-    s.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+    s.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="network arithmetic (default auto: bfloat16 on CUDA, float32 elsewhere)")
     s.add_argument("--series-uid", help="SeriesInstanceUID to read when the folder holds several series")
     s.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

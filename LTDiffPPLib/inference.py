@@ -137,7 +137,7 @@ def standardize(
         raise InputError(f"`out` has shape {out.shape}, expected {vol.shape}")
     latent_shape = (cfg.latent_channels, (h + ph) // cfg.patch, (w + pw) // cfg.patch)
     noises = [initial_noise(latent_shape, seed + k, dev) for k in range(ensemble)] if steps else []
-    autocast = _autocast(dev, precision)
+    autocast = autocast_for(dev, precision)
     work_per_batch = ensemble * steps
 
     def phase(name: str) -> contextlib.AbstractContextManager[None]:
@@ -218,8 +218,9 @@ def _check_volume(volume_hu: Any) -> np.ndarray:
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context of ``precision`` (see :func:`standardize`) on ``dev``."""
+def autocast_for(dev: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` (see :func:`standardize`) on ``dev``; ``"auto"`` is bf16 on
+    CUDA and none elsewhere, which the trainer uses too."""
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "bfloat16" or (precision == "auto" and dev.type == "cuda"):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from LTDiffPPLib.datasets import load_dataset
-from LTDiffPPLib.inference import pick_device
+from LTDiffPPLib.inference import autocast_for, pick_device
 from LTDiffPPLib.io import cpu_name
 from LTDiffPPLib.modelfile import default_metadata, save_model
 from LTDiffPPLib.models import LTDiffPPNet
@@ -201,7 +201,7 @@ class Trainer:
         if self.world > 1:
             module = nn.parallel.DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
         bar = self._bar(phase, pc.steps)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        autocast = autocast_for(self.device)  # bf16 on CUDA
         t_last = time.perf_counter()
         window_t0, window_steps = None, 0  # the training steps since the last log record (throughput)
         while self.step < pc.steps:

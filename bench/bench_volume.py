@@ -123,13 +123,15 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
+    from LTDiffPPLib.inference import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slices", type=int, nargs="+", default=[50, 150, 300])
     p.add_argument("--model", help="model file (default: random weights of the default architecture)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="default: the model's sampling steps")
-    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="standardize's precision (default auto: bf16 on CUDA, float32 elsewhere)")
     p.add_argument("--workdir", help="where inputs are cached and outputs written (default: a temporary folder)")
     p.add_argument("--json", help="also write the results as JSON here")

@@ -82,8 +82,8 @@ def main() -> int:
         print(f"{name}: {seconds[name]:.2f} s/slice", flush=True)
     t_eval = time.perf_counter()
     evaluate(a.reference, candidates, source=a.source if a.baselines else None, rois=a.rois,
-                   roi_size=a.roi_size, seed=0, out_dir=a.out / "evaluation", workers=a.workers,
-                   baselines=a.baselines)
+             roi_size=a.roi_size, seed=0, out_dir=a.out / "evaluation", workers=a.workers,
+             baselines=a.baselines)
     t_eval = time.perf_counter() - t_eval
     results = json.loads((a.out / "evaluation" / "results.json").read_text())
 
