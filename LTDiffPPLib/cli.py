@@ -166,7 +166,8 @@ def _cmd_standardize(a: argparse.Namespace) -> int:
 def _cmd_simulate(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .simulation import ScanProtocol, get_kernel, simulate
+    from .kernels import get_kernel
+    from .simulation import ScanProtocol, simulate
 
     kernels = [get_kernel(k.strip()).name for k in a.kernels.split(",") if k.strip()]
     protocol = ScanProtocol(dose=a.dose, views=a.views)
