@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,21 +44,53 @@ def reference_window(f_mm: np.ndarray) -> np.ndarray:
     return np.exp(-math.log(2.0) * (np.abs(f_mm) / REFERENCE_F50_MM) ** 2.2)
 
 
+LIBRARY_PATH = Path(__file__).resolve().parent / "resources" / "kernel_library.json"
+CONVERTIBLE = ("reference", "real-pair", "equivalent", "equivalent-interpolated", "published-mtf")
+"""Calibrations that give a kernel a frequency response (``"none"`` does not)."""
+
+
+def parametric_mtf(f_mm: np.ndarray, mtf50: float, mtf10: float) -> np.ndarray:
+    """exp(−ln2 · (f/f50)^p) with p such that the curve passes 0.1 at f10 (f, f50, f10 in mm⁻¹): the
+    monotone MTF through a published MTF50 and MTF10 (no mid-frequency overshoot)."""
+    p = math.log(math.log(10.0) / math.log(2.0)) / math.log(mtf10 / mtf50)
+    return np.exp(-math.log(2.0) * (np.abs(f_mm) / mtf50) ** p)
+
+
 @dataclass(frozen=True)
 class Kernel:
-    """A reconstruction kernel: FBP window W(f) = reference_window(f) · exp(log_ratio(f)).
+    """A reconstruction kernel of the library: FBP window W(f) = reference_window(f) · exp(log_ratio(f)).
 
-    ``log_ratio`` is interpolated (monotone cubic, PCHIP) through ``(0, 0)`` and the calibration
-    points ``(freqs_mm, log(ratios))``; beyond the last point it continues with the last slope.
+    ``calibration`` says where the response comes from (``resources/kernel_library.json`` defines each:
+    ``"reference"``, ``"real-pair"``, ``"equivalent"``, ``"equivalent-interpolated"``, ``"published-mtf"``,
+    or ``"none"`` — identified from DICOM headers but with no response, so never converted). For a
+    real-pair kernel the log ratio to B30f is interpolated (monotone cubic, PCHIP) through ``(0, 0)`` and
+    the calibration points ``(freqs_mm, log(ratios))`` and continued with the last slope beyond them.
     """
 
     name: str
     description: str
     freqs_mm: tuple[float, ...] = ()
     ratios: tuple[float, ...] = ()
+    vendor: str = "Siemens"
+    calibration: str = "reference"
+    source: str = ""
+    dicom: tuple[str, ...] = ()
+    equivalent_to: str = ""
+    published_mtf: tuple[tuple[float, float], ...] = ()  # (MTF50, MTF10) in lp/cm
+    log_ratio_fn: Callable[[np.ndarray], np.ndarray] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def has_response(self) -> bool:
+        return self.calibration != "none"
 
     def window(self, f_mm: np.ndarray) -> np.ndarray:
+        """W(|f|), f in mm⁻¹ (any shape). Raises :class:`InputError` for a kernel without a response."""
         f = np.abs(np.asarray(f_mm, dtype=np.float64))
+        if not self.has_response:
+            raise InputError(f"kernel {self.name} ({self.vendor}) has no known frequency response; "
+                             "it can be identified but not converted from or to")
+        if self.log_ratio_fn is not None:
+            return reference_window(f) * np.exp(self.log_ratio_fn(f))
         if not self.freqs_mm:
             return reference_window(f)
         x = np.array((0.0, *self.freqs_mm))
@@ -67,31 +100,214 @@ class Kernel:
         log_ratio = np.where(f > x[-1], y[-1] + slope * (f - x[-1]), inside)
         return reference_window(f) * np.exp(log_ratio)
 
+    def system_mtf(self, f_mm: np.ndarray) -> np.ndarray:
+        """The MTF of a scan reconstructed with this kernel: W(f) × the system blur (projector and pixel
+        aperture) of the library's reference, whose B30f MTF50/MTF10 the library file states."""
+        ref = _library_file()["reference_system_mtf"]
+        f = np.abs(np.asarray(f_mm, dtype=np.float64))
+        blur = parametric_mtf(f, ref["mtf50_per_mm"], ref["mtf10_per_mm"]) / np.maximum(reference_window(f), 1e-300)
+        return self.window(f) * blur
 
-def load_kernels(path: str | os.PathLike = CALIBRATION_PATH) -> dict[str, Kernel]:
-    """The kernel library: the reference kernel plus one kernel per calibrated ratio."""
+    def mtf_points(self, f_max: float = 1.0) -> tuple[float | None, float | None]:
+        """(MTF50, MTF10) of :meth:`system_mtf` in mm⁻¹: the first frequency above the peak where it falls
+        below 0.5 / 0.1; None where that lies beyond ``f_max``."""
+        f = np.linspace(0.0, f_max, 2001)
+        m = self.system_mtf(f)
+        peak = int(np.argmax(m))
+        out = []
+        for level in (0.5, 0.1):
+            below = np.nonzero(m[peak:] < level)[0]
+            out.append(None if below.size == 0 else float(f[peak + below[0]]))
+        return out[0], out[1]
+
+
+@lru_cache(maxsize=1)
+def _library_file() -> dict:
+    return json.loads(LIBRARY_PATH.read_text(encoding="utf-8"))
+
+
+def _kernel_number(name: str) -> int:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    if not digits:
+        raise ValueError(f"no kernel number in {name!r}")
+    return int(digits)
+
+
+def load_kernels(path: str | os.PathLike = CALIBRATION_PATH,
+                 library_path: str | os.PathLike | None = LIBRARY_PATH) -> dict[str, Kernel]:
+    """The kernel library by name: the kernels calibrated on the real pair (``path``) and, with
+    ``library_path``, every other kernel of the library file with its response built from its calibration."""
     cal = json.loads(Path(path).read_text())
     use = [i for i, f in enumerate(cal["frequencies_mm"]) if f <= cal["max_frequency_used_mm"]]
     freqs = tuple(cal["frequencies_mm"][i] for i in use)
-    kernels = {REFERENCE_KERNEL: Kernel(REFERENCE_KERNEL, cal["descriptions"][REFERENCE_KERNEL])}
+    measured = {REFERENCE_KERNEL: ((), ())}
     for name, ratios in cal["ratios_to_reference"].items():
-        kernels[name] = Kernel(name, cal["descriptions"][name], freqs, tuple(ratios[i] for i in use))
+        measured[name] = (freqs, tuple(ratios[i] for i in use))
+    if library_path is None:
+        return {name: Kernel(name, cal["descriptions"][name], *fr) for name, fr in measured.items()}
+    lib = json.loads(Path(library_path).read_text(encoding="utf-8"))
+    kernels: dict[str, Kernel] = {}
+    for e in lib["kernels"]:
+        common = dict(vendor=e["vendor"], calibration=e["calibration"], source=e["source"], dicom=tuple(e["dicom"]),
+                      equivalent_to=e.get("equivalent_to", ""),
+                      published_mtf=tuple((m["mtf50_lp_cm"], m["mtf10_lp_cm"]) for m in e.get("published_mtf", ())))
+        if e["calibration"] in ("reference", "real-pair"):
+            if e["name"] not in measured:
+                raise ValueError(f"{library_path}: {e['name']} is marked {e['calibration']} but {path} has no ratio for it")
+            kernels[e["name"]] = Kernel(e["name"], e["description"], *measured[e["name"]], **common)
+            continue
+        fn: Callable[[np.ndarray], np.ndarray] | None = None
+        if e["calibration"] == "equivalent":
+            fn = _equivalent_log_ratio(kernels[e["equivalent_to"]])
+        elif e["calibration"] == "equivalent-interpolated":
+            fn = _interpolated_log_ratio(kernels, _kernel_number(e["equivalent_to"]))
+        elif e["calibration"] == "published-mtf":
+            ref50, ref10 = kernels[REFERENCE_KERNEL].published_mtf[0]
+            fn = _published_log_ratio(e["mtf50_lp_cm"], e["mtf10_lp_cm"], ref50, ref10)
+            common["published_mtf"] = ((e["mtf50_lp_cm"], e["mtf10_lp_cm"]),)
+        elif e["calibration"] != "none":
+            raise ValueError(f"{library_path}: {e['name']} has unknown calibration {e['calibration']!r}")
+        kernels[e["name"]] = Kernel(e["name"], e["description"], log_ratio_fn=fn, **common)
     return kernels
+
+
+def _equivalent_log_ratio(other: Kernel) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda f: np.log(other.window(f) / reference_window(f))
+
+
+def _interpolated_log_ratio(kernels: dict[str, Kernel], number: int) -> Callable[[np.ndarray], np.ndarray]:
+    """log W interpolated linearly in the Siemens kernel number between the calibrated B-kernels around it."""
+    calibrated = sorted((_kernel_number(k.name), k) for k in kernels.values()
+                        if k.vendor == "Siemens" and k.calibration in ("reference", "real-pair"))
+    below = [c for c in calibrated if c[0] <= number]
+    above = [c for c in calibrated if c[0] >= number]
+    if not below or not above:
+        raise ValueError(f"kernel number {number} lies outside the calibrated Siemens kernels")
+    (n0, k0), (n1, k1) = below[-1], above[0]
+    t = 0.0 if n1 == n0 else (number - n0) / (n1 - n0)
+    return lambda f: ((1 - t) * np.log(k0.window(f)) + t * np.log(k1.window(f))) - np.log(reference_window(f))
+
+
+def _published_log_ratio(mtf50: float, mtf10: float, ref50: float, ref10: float) -> Callable[[np.ndarray], np.ndarray]:
+    """log of the ratio of two published MTFs (lp/cm → mm⁻¹), each as :func:`parametric_mtf`."""
+    def fn(f: np.ndarray) -> np.ndarray:
+        p = -math.log(2.0)  # log of parametric_mtf, computed in the log domain (no underflow at high f)
+        a = math.log(math.log(10.0) / math.log(2.0))
+        lk = p * (f / (mtf50 / 10)) ** (a / math.log(mtf10 / mtf50))
+        lr = p * (f / (ref50 / 10)) ** (a / math.log(ref10 / ref50))
+        return lk - lr
+    return fn
 
 
 @lru_cache(maxsize=1)
 def kernel_library() -> dict[str, Kernel]:
-    """The calibrated kernels shipped in ``resources/kernel_calibration.json``, by name."""
+    """Every kernel of the library (``resources/kernel_library.json`` + the real-pair calibration), by name."""
     return load_kernels()
 
 
-def get_kernel(name: str) -> Kernel:
-    lib = kernel_library()
-    try:
-        return lib[name]
-    except KeyError:
-        raise InputError(f"unknown kernel {name!r}; the simulator knows {', '.join(lib)}") from None
+def _key(name: str) -> str:
+    return "".join(ch for ch in name.strip().lower() if ch.isalnum())
 
+
+def find_kernel(name: str) -> Kernel | None:
+    """The library kernel called ``name`` (case, spaces, '-' and '_' ignored; a vendor prefix may be left
+    out where the rest is unique, e.g. ``standard`` → GE-STANDARD), or None."""
+    lib = kernel_library()
+    key = _key(name)
+    exact = [k for k in lib.values() if _key(k.name) == key]
+    if exact:
+        return exact[0]
+    bare = [k for k in lib.values() if _key(k.name.split("-", 1)[-1]) == key]
+    return bare[0] if len(bare) == 1 else None
+
+
+def get_kernel(name: str) -> Kernel:
+    """The library kernel called ``name`` (see :func:`find_kernel`); :class:`InputError` naming the
+    library's kernels otherwise."""
+    k = find_kernel(name)
+    if k is None:
+        raise InputError(f"unknown kernel {name!r}; the kernel library knows {', '.join(kernel_library())} "
+                         "(`ltdiffpp kernels` lists them)")
+    return k
+
+
+def simulator_kernels() -> list[str]:
+    """Names of the kernels the simulator can reconstruct with (those with a frequency response)."""
+    return [k.name for k in kernel_library().values() if k.has_response]
+
+
+# ------------------------------------------------------------------------------ DICOM identification
+
+
+def vendor_of(manufacturer: str) -> str | None:
+    """The library's vendor name for a DICOM Manufacturer (0008,0070) value, or None."""
+    text = (manufacturer or "").strip().upper()
+    for vendor, patterns in _library_file()["vendors"].items():
+        if any(re.search(p, text) for p in patterns):
+            return vendor
+    return None
+
+
+def kernel_values(convolution_kernel: object) -> list[str]:
+    """ConvolutionKernel (0018,1210) as a list of stripped strings; a multi-valued tag (Siemens ADMIRE
+    ``Br40d\\3``: kernel then iterative strength) keeps its order, a joined ``a\\b`` string is split."""
+    if convolution_kernel is None:
+        return []
+    values = [convolution_kernel] if isinstance(convolution_kernel, str) else list(convolution_kernel)
+    out: list[str] = []
+    for v in values:
+        out.extend(part.strip() for part in str(v).split("\\"))
+    return [v for v in out if v]
+
+
+@dataclass(frozen=True)
+class KernelEvidence:
+    """What is known of an image's kernel: ``kernel`` (None: unidentified), ``how`` it was found
+    (``"DICOM header"``, ``"given"``, ``"model"``), the raw text ``found`` and a one-line ``note``."""
+
+    kernel: Kernel | None
+    how: str
+    found: str = ""
+    note: str = ""
+
+    def describe(self) -> str:
+        if self.kernel is None:
+            return f"unidentified ({self.note})" if self.note else "unidentified"
+        return f"{self.kernel.name} ({self.how}{': ' + self.found if self.found and self.found != self.kernel.name else ''})"
+
+
+def kernel_from_dicom(manufacturer: object, convolution_kernel: object) -> KernelEvidence:
+    """Identify a kernel from DICOM Manufacturer and ConvolutionKernel values.
+
+    The first ConvolutionKernel value is matched (case-insensitively, in full) against the ``dicom``
+    patterns of the library's kernels of that vendor (GE's ``BODY FILTER/`` prefix is dropped); with an
+    unknown Manufacturer, against every vendor's, accepted only when one kernel matches.
+    """
+    values = kernel_values(convolution_kernel)
+    maker = str(manufacturer or "").strip()
+    found = "\\".join(values)
+    if not values:
+        return KernelEvidence(None, "DICOM header", "", "the header has no ConvolutionKernel")
+    text = re.sub(r"^BODY FILTER\s*/\s*", "", values[0], flags=re.IGNORECASE).strip()
+    vendor = vendor_of(maker)
+    cands = [k for k in kernel_library().values() if vendor is None or k.vendor == vendor]
+    hits = [k for k in cands if any(re.fullmatch(p, text, flags=re.IGNORECASE) for p in k.dicom)]
+    who = f"{maker or 'unknown manufacturer'} kernel {found!r}"
+    if len(hits) == 1:
+        return KernelEvidence(hits[0], "DICOM header", f"{maker} {found}".strip())
+    if not hits:
+        return KernelEvidence(None, "DICOM header", found, f"{who} is not in the kernel library")
+    return KernelEvidence(None, "DICOM header", found,
+                          f"{who} matches several library kernels ({', '.join(k.name for k in hits)}); give the source kernel")
+
+
+def pair_gain(source: Kernel, target: Kernel, f_mm: np.ndarray, floor: float = 0.05, max_gain: float = 50.0) -> np.ndarray:
+    """The linear kernel conversion G(f) = W_target(f) / W_source(f) (f in mm⁻¹), regularized where the
+    source passes little: W_source is floored at ``floor`` × its peak (a Wiener-like guard against
+    amplifying what the source kernel removed) and G is capped at ``max_gain``."""
+    ws, wt = source.window(f_mm), target.window(f_mm)
+    peak = float(np.max(source.window(np.linspace(0.0, 1.0, 201))))
+    return np.minimum(wt / np.maximum(ws, floor * peak), max_gain)
 
 # ------------------------------------------------------------------------------ kernel measurement
 
