@@ -273,7 +273,9 @@ class KernelEvidence:
     def describe(self) -> str:
         if self.kernel is None:
             return f"unidentified ({self.note})" if self.note else "unidentified"
-        return f"{self.kernel.name} ({self.how}{': ' + self.found if self.found and self.found != self.kernel.name else ''})"
+        found = f": {self.found}" if self.found and self.found != self.kernel.name else ""
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.kernel.name} ({self.how}{found}{note})"
 
 
 def kernel_from_dicom(manufacturer: object, convolution_kernel: object) -> KernelEvidence:
