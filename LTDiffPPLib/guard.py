@@ -6,7 +6,8 @@ what has to be adapted (reformat to axial, resample in-plane to the model's pixe
 a :class:`DomainError` that names everything that is wrong and how to override it. Cases:
 
 - **source kernel**: from the DICOM header (Manufacturer + ConvolutionKernel, :mod:`LTDiffPPLib.kernels`),
-  else the ``source_kernel`` given; refused when unknown, not in the library, equal to the target (nothing
+  else the ``source_kernel`` given, else estimated from the image (its skin-edge MTF against the library's
+  responses, with a confidence); refused when unidentifiable, not in the library, equal to the target (nothing
   to convert) or not the kernel the model converts from;
 - **orientation**: a volume whose slices are not axial is reformatted to axial and back when its axes are
   the patient axes (sagittal or coronal stacks); oblique volumes are refused;
@@ -34,7 +35,8 @@ import numpy as np
 
 from .errors import InputError
 from .io import CTVolume
-from .kernels import Kernel, KernelEvidence, find_kernel, get_kernel, kernel_from_dicom
+from .kernels import (ImageKernelEstimate, Kernel, KernelEvidence, find_kernel, get_kernel, identify_kernel_from_image,
+                      kernel_from_dicom)
 from .modelfile import read_metadata, registry, resolve_model
 
 #: Smallest slice (pixels along y and along x) converted. Measured on crops of the real test1 slice
@@ -125,7 +127,22 @@ def source_evidence(volume: CTVolume, source_kernel: str | None = None) -> Kerne
         elif from_header.found:  # a header kernel without a known response: the given one stands in for it
             note = f"given for header kernel {from_header.found!r}"
         return KernelEvidence(given, "given", source_kernel, note)
+    if from_header.kernel is None and not from_header.found:  # no kernel in a header: estimate it
+        est = image_estimate(volume)
+        if est.kernel is not None:
+            alt = f"; indistinguishable from {', '.join(est.alternatives)}" if est.alternatives else ""
+            return KernelEvidence(est.kernel, "estimated from the image", "",
+                                  f"skin-edge MTF, confidence {est.confidence:.2f}{alt}")
+        return KernelEvidence(None, from_header.how, "", f"{from_header.note}, and {est.note}")
     return from_header
+
+
+def image_estimate(volume: CTVolume) -> ImageKernelEstimate:
+    """The kernel the volume's skin edge looks like (:func:`LTDiffPPLib.kernels.identify_kernel_from_image`);
+    unidentified for non-axial stacks (their in-plane edge mixes the slice profile in)."""
+    if axial_axes(volume.direction) is not None:
+        return ImageKernelEstimate(None, 0.0, note="the slices are not axial, so the kernel was not estimated")
+    return identify_kernel_from_image(volume.hu, (volume.spacing[1], volume.spacing[0]))
 
 
 def axial_axes(direction: tuple[float, ...]) -> tuple[int, int, int] | None | str:
@@ -198,9 +215,12 @@ def plan_conversion(volume: CTVolume, target_kernel: str | None = None, source_k
     elif source.note.startswith("the header says"):  # a given kernel the header contradicts
         problem(f"{name}: --source-kernel {source.kernel.name} was given, but {source.note}")
     if not source.kernel.has_response:
-        raise DomainError(f"{name}: source kernel {source.describe()} "
-                          "has no known frequency response, so no model can convert it; if you know a library "
-                          "kernel with the same response, pass it as --source-kernel")
+        est = image_estimate(volume)
+        hint = (f"; its skin edge {est.describe()}: pass --source-kernel {est.kernel.name} to convert it as that"
+                if est.kernel is not None else "; if you know a library kernel with the same response, pass it "
+                "as --source-kernel")
+        raise DomainError(f"{name}: source kernel {source.describe()} has no known frequency response, so no model "
+                          f"can convert it{hint}")
     if _same_response(source.kernel, target):
         raise NothingToConvert(f"{name} is already {target.name} ({source.describe()}); nothing to convert")
 
