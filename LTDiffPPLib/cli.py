@@ -191,7 +191,8 @@ def _cmd_kernels(a: argparse.Namespace) -> int:
         rows.append({"name": k.name, "vendor": k.vendor, "calibration": k.calibration, "description": k.description,
                      "dicom": list(k.dicom), "equivalent_to": k.equivalent_to or None,
                      "mtf50_per_mm": m50, "mtf10_per_mm": m10,
-                     "published_mtf_lp_cm": [list(m) for m in k.published_mtf], "source": k.source})
+                     "published_mtf_lp_cm": [list(m) for m in k.published_mtf], "source": k.source,
+                     "caveat": k.caveat or None})
     if a.json:
         print(json.dumps(rows, indent=1, ensure_ascii=False))
         return 0
@@ -201,7 +202,8 @@ def _cmd_kernels(a: argparse.Namespace) -> int:
         cell = ["-" if v is None else f"{v:.2f}" for v in (r["mtf50_per_mm"], r["mtf10_per_mm"])]
         if r["calibration"] != "none" and r["mtf10_per_mm"] is None:
             cell[1] = "> 1"
-        print(fmt.format(r["name"], r["vendor"], r["calibration"], *cell, r["description"]))
+        print(fmt.format(r["name"], r["vendor"], r["calibration"], *cell,
+                         r["description"] + (" [doubtful, see --json]" if r["caveat"] else "")))
     print("\nConvertible pairs (shipped models): " + ", ".join(f"{s}->{t}" for _, s, t in _pairs()))
     print("calibration 'none': identified from DICOM headers only, no known response; `--json` gives DICOM "
           "spellings and sources")

@@ -77,6 +77,7 @@ class Kernel:
     dicom: tuple[str, ...] = ()
     equivalent_to: str = ""
     published_mtf: tuple[tuple[float, float], ...] = ()  # (MTF50, MTF10) in lp/cm
+    caveat: str = ""
     log_ratio_fn: Callable[[np.ndarray], np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -149,7 +150,7 @@ def load_kernels(path: str | os.PathLike = CALIBRATION_PATH,
     kernels: dict[str, Kernel] = {}
     for e in lib["kernels"]:
         common = dict(vendor=e["vendor"], calibration=e["calibration"], source=e["source"], dicom=tuple(e["dicom"]),
-                      equivalent_to=e.get("equivalent_to", ""),
+                      equivalent_to=e.get("equivalent_to", ""), caveat=e.get("caveat", ""),
                       published_mtf=tuple((m["mtf50_lp_cm"], m["mtf10_lp_cm"]) for m in e.get("published_mtf", ())))
         if e["calibration"] in ("reference", "real-pair"):
             if e["name"] not in measured:
