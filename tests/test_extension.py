@@ -281,6 +281,7 @@ def _load_module_with_qt_stand_ins(monkeypatch, scene):
     pnw.WithinRange = lambda lo, hi: ("WithinRange", lo, hi)
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
     monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
     monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", pnw)
