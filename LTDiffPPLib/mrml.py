@@ -360,19 +360,19 @@ _MODALITY_ATTRIBUTE = "DICOM.Modality"
 
 
 def ct_volumes_in_folder(scene: Any, folder_item: int) -> list[Any]:
-    """The CT volumes below a subject-hierarchy item (folder, patient or study; all levels), in
-    hierarchy order: scalar volumes that are not label maps, not LTDiffPP results, and not of another
+    """The CT volumes below a subject-hierarchy item (folder, patient or study; all levels; a volume's
+    own item gives that volume), in hierarchy order: scalar volumes that are not label maps, not LTDiffPP results, and not of another
     DICOM modality (MR, PT, ...)."""
     import vtk
 
     sh = subject_hierarchy(scene)
-    if not folder_item or not sh.GetItemDataNode(folder_item) and not sh.GetNumberOfItemChildren(folder_item):
+    if not folder_item or folder_item == sh.GetInvalidItemID():
         raise InputError("choose a folder (or patient, or study) that holds CT volumes")
     children = vtk.vtkIdList()
     sh.GetItemChildren(folder_item, children, True)
+    items = [folder_item] + [children.GetId(i) for i in range(children.GetNumberOfIds())]  # a volume item: itself
     nodes = []
-    for i in range(children.GetNumberOfIds()):
-        item = children.GetId(i)
+    for item in items:
         node = sh.GetItemDataNode(item)
         if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
             continue
