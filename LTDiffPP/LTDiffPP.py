@@ -113,18 +113,19 @@ def sampleCacheFolder() -> str:
     return os.path.join(slicer.app.cachePath, "LTDiffPP")
 
 
-def registerSampleData() -> None:
+def registerSampleData(shape=None) -> None:
     """Register the digital chest phantom and its simulated kernels with the Sample Data module. The
     files are made on this machine on first use (about half a minute, in the worker) and cached; nothing
-    is downloaded."""
+    is downloaded. ``shape`` (z, y, x): the sample's size (default: 8 slices of 512², 0.7 mm pixels)."""
     import SampleData
-    from LTDiffPPLib.sampledata import sample_data_source
+    from LTDiffPPLib.sampledata import SAMPLE_SHAPE, sample_data_source
 
-    arguments = sample_data_source(sampleCacheFolder(),
+    shape = tuple(shape or SAMPLE_SHAPE)
+    arguments = sample_data_source(sampleCacheFolder(), shape=shape,
                                    thumbnail=os.path.join(_HERE, "Resources", "Icons", "LTDiffPP.png"))
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         **arguments, customDownloader=lambda source: LTDiffPPLogic().loadSampleData(
-            progress=_sampleProgressDialog()))
+            progress=_sampleProgressDialog(), shape=shape))
 
 
 def _sampleProgressDialog():
