@@ -27,6 +27,8 @@ else:
     TORCH = True
 #: why tests that run a model skip without torch
 NO_TORCH = "PyTorch is not installed here (the torch-free Python 3.12 run of the GUI-side tests)"
+#: for tests whose worker process loads a model (it imports torch) without a model fixture
+requires_torch = pytest.mark.skipif(not TORCH, reason=NO_TORCH)
 
 if TORCH:
     from LTDiffPPLib.modelfile import init_model, load_model

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import requires_torch
 
 from LTDiffPPLib.errors import Cancelled, InputError
 from LTDiffPPLib.io import CTVolume, read_image, write_image
@@ -245,6 +246,7 @@ def test_cancelled_worker_run_leaves_the_output_untouched(scene, tiny_model_path
     assert not task.job.workdir.exists()
 
 
+@requires_torch
 def test_failed_worker_run_says_why_and_adds_no_node(scene, ct, tmp_path):
     inp = _volume_node(scene, ct, "chest")
     bogus = tmp_path / "not-a-model.safetensors"

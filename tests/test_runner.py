@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import requires_torch
 
 from LTDiffPPLib.errors import InputError
 from LTDiffPPLib.io import CTVolume
@@ -172,6 +173,7 @@ def test_timeout_cancels(tmp_path):
     assert info.value.kind == "Timeout" and job.state == CANCELLED and not _alive(job.pid)
 
 
+@requires_torch
 def test_bad_model_file_fails_with_the_library_message(volume, tmp_path):
     bogus = tmp_path / "weights.safetensors"
     bogus.write_bytes(b"\x80\x04 a pickle pretending to be safetensors")
