@@ -516,6 +516,7 @@ class LTDiffPPLogic(ScriptedLoadableModuleLogic):
                     "LTDiffPP needs PyTorch. Install the 'PyTorch' extension from the Extension Manager, "
                     "restart Slicer, and click Apply again."))
                 return False
+            # (PyTorchUtils imports torch once it has installed it: the one time torch enters this process)
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
                                                              torchVersionRequirement=TORCH_REQUIREMENT) is None:
                 return False
@@ -587,8 +588,9 @@ class LTDiffPPLogic(ScriptedLoadableModuleLogic):
         from LTDiffPPLib.mrml import load_sample_files
         from LTDiffPPLib.runner import SampleJob
 
-        cacheRoot = sampleCacheFolder() if getattr(slicer, "app", None) is not None else self.sampleCacheRoot
-        job = SampleJob(cacheRoot, shape=shape, temp_root=None)
+        app = getattr(slicer, "app", None)
+        cacheRoot = sampleCacheFolder() if app is not None else self.sampleCacheRoot
+        job = SampleJob(cacheRoot, shape=shape, temp_root=getattr(app, "temporaryPath", None))
         job.wait(progress=self._progressWithEvents(progress))
         try:
             return load_sample_files(slicer.mrmlScene, job.files())

@@ -95,7 +95,7 @@ def generate_sample(cache_root: str | os.PathLike, *, shape: Sequence[int] = SAM
     slices). The folder appears atomically: an interrupted run leaves no half-made sample behind.
     ``progress(done, total)`` counts reconstructed slices.
     """
-    from .io import CTVolume, atomic_output
+    from .io import atomic_output
     from .phantom import chest_phantom, chest_phantom_volume
     from .runner import write_temporary_nrrd
     from .simulation import ScanProtocol, simulate

@@ -443,7 +443,8 @@ print(runner.PREFIX, len(mrml._LOGICS) > 0, sampledata.SAMPLE_SEED, runner.JobEr
 """)
     assert out.split() == ["@@LTDIFFPP", "True", "1000", "True"]
     code = MODULE_PY.read_text()
-    library = {p.stem for p in (ROOT / "LTDiffPPLib").glob("*.py")} - {"__init__"}
+    library = ({p.stem for p in (ROOT / "LTDiffPPLib").glob("*.py")}
+               | {p.parent.name for p in (ROOT / "LTDiffPPLib").glob("*/__init__.py")}) - {"__init__"}
     reloaded = set(re.search(r"LIBRARY_MODULES = \(([^)]*)\)", code).group(1).replace('"', "").replace(",", " ")
                    .split())
     # every library module the GUI process imports is reloaded (torch-side modules load in the worker)
