@@ -115,7 +115,7 @@ def sampleCacheFolder() -> str:
 
 def registerSampleData(shape=None) -> None:
     """Register the digital chest phantom and its simulated kernels with the Sample Data module. The
-    files are made on this machine on first use (about half a minute, in the worker) and cached; nothing
+    files are made on this machine on first use (about a minute on 2 CPU cores, in the worker) and cached; nothing
     is downloaded. ``shape`` (z, y, x): the sample's size (default: 8 slices of 512², 0.7 mm pixels)."""
     import SampleData
     from LTDiffPPLib.sampledata import SAMPLE_SHAPE, sample_data_source
@@ -583,7 +583,7 @@ class LTDiffPPLogic(ScriptedLoadableModuleLogic):
 
     def loadSampleData(self, progress=None, shape=None):
         """Load the digital chest phantom reconstructed with B30f, B50f and B70f (and its tissue segments).
-        Made on this machine by the worker on first use (about half a minute) and cached; nothing is
+        Made on this machine by the worker on first use (about a minute on 2 CPU cores) and cached; nothing is
         downloaded. Returns the new nodes, CT volumes first."""
         from LTDiffPPLib.mrml import load_sample_files
         from LTDiffPPLib.runner import SampleJob
