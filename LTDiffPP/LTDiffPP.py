@@ -22,6 +22,7 @@ Python console::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -494,12 +495,13 @@ class LTDiffPPLogic(ScriptedLoadableModuleLogic):
         "missing", or why the installed version does not fit), ``packages`` (requirement lines of
         Resources/requirements.txt not satisfied, names compared as pip compares them) and ``radiomics``
         (True when PyRadiomics is needed and absent)."""
-        from LTDiffPPLib.runner import installed_versions, missing_requirements, torch_problem
+        from LTDiffPPLib.runner import missing_requirements, torch_problem
 
         return {"torch": torch_problem(TORCH_REQUIREMENT),
                 "packages": missing_requirements(REQUIREMENTS_FILE),
-                "radiomics": bool(radiomics) and "pyradiomics" not in installed_versions()
-                and "pyradiomics-bhklab" not in installed_versions()}
+                # SlicerRadiomics builds PyRadiomics into its own folder, maybe without pip metadata: look
+                # for the importable package (find_spec does not import it)
+                "radiomics": bool(radiomics) and importlib.util.find_spec("radiomics") is None}
 
     def checkDependencies(self, radiomics: bool = False, askConfirmation: bool = True) -> bool:
         """Make sure the worker can run: torch (installed through the PyTorch extension's PyTorchUtils,
