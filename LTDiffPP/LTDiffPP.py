@@ -551,7 +551,7 @@ class LTDiffPPLogic(ScriptedLoadableModuleLogic):
         return slicer.util.tempDirectory("LTDiffPP")
 
     def standardize(self, inputVolumeNode, outputVolumeNode=None, model=None, device="auto", steps=None, seed=0,
-                    waitForCompletion=True, progress=None):
+                    waitForCompletion=True, progress=None, targetKernel=None, sourceKernel=None, force=False):
         """Standardize ``inputVolumeNode`` in a worker process.
 
         ``model``: registry name, ``.safetensors`` path or None (the registry's default); ``steps`` None =
@@ -560,17 +560,23 @@ class LTDiffPPLogic(ScriptedLoadableModuleLogic):
         ``progress(fraction, message)`` meanwhile; otherwise returns the running task (``poll()``,
         ``progress``, ``message``, ``warnings``, ``cancel()``, ``finish()`` → node). A failed or cancelled
         run raises and leaves the scene as it was. The worker's warnings are logged (application log).
+        ``targetKernel``: library kernel name (e.g. "B70f"; None = the model's target); ``sourceKernel``:
+        the input's kernel when its DICOM header (looked up in Slicer's DICOM database) does not name it —
+        otherwise it is estimated from the image; ``force``: convert despite the domain guard's objections.
         """
         from LTDiffPPLib.mrml import start_standardize_volume_node
 
         task = start_standardize_volume_node(slicer.mrmlScene, inputVolumeNode, outputVolumeNode, model,
-                                             device=device, steps=steps, seed=seed, workdir=self._tempDirectory())
+                                             device=device, steps=steps, seed=seed, target_kernel=targetKernel,
+                                             source_kernel=sourceKernel, force=force,
+                                             dicom_database=getattr(slicer, "dicomDatabase", None),
+                                             workdir=self._tempDirectory())
         if not waitForCompletion:
             return task
         return task.wait(progress=self._progressWithEvents(progress))
 
     def standardizeFolder(self, folderItemID, model=None, device="auto", steps=None, seed=0,
-                          waitForCompletion=True, progress=None):
+                          waitForCompletion=True, progress=None, targetKernel=None, sourceKernel=None, force=False):
         """Standardize every CT volume of a subject-hierarchy folder (or patient, or study), one after
         another through the worker, each into a new volume beside its input. Returns the output nodes
         (``waitForCompletion``) or the running batch (same interface as a single task; ``failures``
@@ -578,6 +584,8 @@ class LTDiffPPLogic(ScriptedLoadableModuleLogic):
         from LTDiffPPLib.mrml import start_batch_standardize
 
         batch = start_batch_standardize(slicer.mrmlScene, folderItemID, model, device=device, steps=steps, seed=seed,
+                                        target_kernel=targetKernel, source_kernel=sourceKernel, force=force,
+                                        dicom_database=getattr(slicer, "dicomDatabase", None),
                                         workdir_factory=self._tempDirectory)
         if not waitForCompletion:
             return batch
@@ -706,7 +714,7 @@ class LTDiffPPTest(ScriptedLoadableModuleTest):
         tmp = slicer.util.tempDirectory("LTDiffPPTest")
         fractions = []
         out = LTDiffPPLogic().standardize(vol, model=self._tinyModel(tmp), steps=2, device="cpu",
-                                          progress=lambda f, m: fractions.append(f))
+                                          progress=lambda f, m: fractions.append(f), sourceKernel="B30f")
         self.assertEqual(fractions[-1], 1.0)
         self.assertEqual(slicer.util.arrayFromVolume(out).shape, (2, 64, 64))
         self.assertEqual(out.GetSpacing(), vol.GetSpacing())
@@ -724,7 +732,7 @@ class LTDiffPPTest(ScriptedLoadableModuleTest):
         n = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
         tmp = slicer.util.tempDirectory("LTDiffPPTest")
         task = LTDiffPPLogic().standardize(vol, model=self._tinyModel(tmp), steps=100, device="cpu",
-                                           waitForCompletion=False)
+                                           waitForCompletion=False, sourceKernel="B30f")
         deadline = time.time() + 120
         while task.poll() == "running" and task.progress == 0 and time.time() < deadline:
             slicer.app.processEvents()

@@ -254,7 +254,8 @@ def plan_conversion(volume: CTVolume, target_kernel: str | None = None, source_k
     dy, dx = spacing_zyx[1], spacing_zyx[2]
     lo, hi = meta.get("pixel_spacing_mm") or (dy, dx)
     pixel = None
-    if any(s < lo * PIXEL_SLACK[0] or s > hi * PIXEL_SLACK[1] for s in (dy, dx)) or not math.isclose(dy, dx, rel_tol=0.05):
+    if (any(s < lo * PIXEL_SLACK[0] or s > hi * PIXEL_SLACK[1] for s in (dy, dx))
+            or not PIXEL_SLACK[0] <= dy / dx <= PIXEL_SLACK[1]):
         want = float(min(max(math.sqrt(dy * dx), lo), hi))
         pixel = (want, want)
         notes.append(f"in-plane pixels {dy:.3g} x {dx:.3g} mm resampled to {want:.3g} mm (the model's trained "

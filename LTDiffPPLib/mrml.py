@@ -322,9 +322,27 @@ class VolumeStandardization(NodeTask):
         return self.output_node
 
 
+def node_dicom_kernel(node: Any, dicom_database: Any = None) -> tuple[str, str] | None:
+    """(Manufacturer, ConvolutionKernel) of the DICOM series a volume node was loaded from, or None.
+
+    From the node's attributes ``DICOM.Manufacturer`` / ``DICOM.ConvolutionKernel`` when present, else
+    from ``dicom_database`` (Slicer: ``slicer.dicomDatabase``) for the first of the node's
+    ``DICOM.instanceUIDs`` (tags 0008,0070 and 0018,1210; multi-valued kernels keep their '\\')."""
+    kernel = node.GetAttribute("DICOM.ConvolutionKernel")
+    if kernel:
+        return node.GetAttribute("DICOM.Manufacturer") or "", kernel
+    uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids or dicom_database is None:
+        return None
+    kernel = dicom_database.instanceValue(uids[0], "0018,1210")
+    return (dicom_database.instanceValue(uids[0], "0008,0070") or "", kernel) if kernel else None
+
+
 def start_standardize_volume_node(scene: Any, input_node: Any, output_node: Any | None = None, model: Any = None,
                                   *, device: str = "auto", steps: int | None = None, seed: int = 0,
-                                  batch_size: int | None = None, python: str | None = None,
+                                  batch_size: int | None = None, target_kernel: str | None = None,
+                                  source_kernel: str | None = None, force: bool = False, dicom_database: Any = None,
+                                  python: str | None = None,
                                   workdir: str | os.PathLike | None = None, start: bool = True) -> VolumeStandardization:
     """Standardize ``input_node`` in a worker process (the GUI stays responsive); returns the running task.
 
@@ -333,6 +351,9 @@ def start_standardize_volume_node(scene: Any, input_node: Any, output_node: Any 
     overwritten), or a new node beside the input. ``task.warnings`` lists what the worker warned about.
     ``workdir``: an empty folder for the temporary files, taken over and deleted at the end (Slicer:
     ``slicer.util.tempDirectory()``); default: the system temp. See :func:`standardize_volume_node`.
+    ``target_kernel``, ``source_kernel``, ``force``: as for ``ltdiffpp standardize``; the worker's domain
+    guard reads the source kernel from the node's DICOM header (:func:`node_dicom_kernel`), else from
+    ``source_kernel``, else estimates it from the image, and refuses what the model does not know.
     """
     from .runner import StandardizeJob
 
@@ -342,7 +363,8 @@ def start_standardize_volume_node(scene: Any, input_node: Any, output_node: Any 
         raise InputError(f"sampling steps must be >= 1 (or None for the model's default), got {steps}")
     volume = volume_from_node(input_node)
     job = StandardizeJob(volume, model, device=device, steps=steps, seed=seed, batch_size=batch_size, python=python,
-                         workdir=workdir)
+                         target_kernel=target_kernel, source_kernel=source_kernel, force=force,
+                         dicom_kernel=node_dicom_kernel(input_node, dicom_database), workdir=workdir)
     task = VolumeStandardization(scene, input_node, output_node, job)
     return task.start() if start else task
 
@@ -392,23 +414,28 @@ class BatchStandardization:
     ``finish()`` (→ the output nodes made), ``wait()``.
 
     Each output node is added as soon as its own run has succeeded. A volume that fails is skipped and
-    reported in ``failures`` (name → message); Cancel stops the running conversion (nothing of it is
+    reported in ``failures`` (name → message), one that already has the target kernel in ``skipped``;
+    Cancel stops the running conversion (nothing of it is
     written) and the rest of the batch; what was already converted stays.
     """
 
     def __init__(self, scene: Any, input_nodes: Sequence[Any], model: Any = None, *, device: str = "auto",
                  steps: int | None = None, seed: int = 0, batch_size: int | None = None, python: str | None = None,
-                 workdir_factory: Callable[[], str | os.PathLike] | None = None):
+                 target_kernel: str | None = None, source_kernel: str | None = None, force: bool = False,
+                 dicom_database: Any = None, workdir_factory: Callable[[], str | os.PathLike] | None = None):
         if not input_nodes:
             raise InputError("no CT volumes to standardize")
         if steps is not None and int(steps) < 1:
             raise InputError(f"sampling steps must be >= 1 (or None for the model's default), got {steps}")
         self.scene, self.inputs = scene, list(input_nodes)
-        self._options = {"device": device, "steps": steps, "seed": seed, "batch_size": batch_size, "python": python}
+        self._options = {"device": device, "steps": steps, "seed": seed, "batch_size": batch_size, "python": python,
+                         "target_kernel": target_kernel, "source_kernel": source_kernel, "force": force,
+                         "dicom_database": dicom_database}
         self.model = model
         self._workdir_factory = workdir_factory
         self.outputs: list[Any] = []
         self.failures: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
         self.warnings: list[str] = []
         self.state = "not started"
         self.index = 0
@@ -450,6 +477,8 @@ class BatchStandardization:
         self.state = "done"
         made = len(self.outputs)
         self._message = f"Batch done: {made} of {len(self.inputs)} volumes standardized"
+        if self.skipped:
+            self._message += f"; {len(self.skipped)} already had the target kernel"
         if self.failures:
             self._message += "; failed: " + "; ".join(f"{k}: {v}" for k, v in self.failures.items())
 
@@ -463,8 +492,12 @@ class BatchStandardization:
         try:
             self.outputs.append(self._task.finish())
         except Exception as exc:  # noqa: BLE001 - reported, the batch goes on
-            self.failures[node.GetName()] = str(exc)
-        self.warnings += [f"{node.GetName()}: {w}" for w in self._task.warnings]
+            if getattr(exc, "kind", "") == "NothingToConvert":  # already the target kernel
+                self.skipped[node.GetName()] = str(exc)
+            else:
+                self.failures[node.GetName()] = str(exc)
+        name = node.GetName()
+        self.warnings += [w if w.startswith(f"{name}: ") else f"{name}: {w}" for w in self._task.warnings]
         self.index += 1
         self._start_next()
         return self.state

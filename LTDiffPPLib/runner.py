@@ -545,17 +545,28 @@ class StandardizeJob(Job):
     ``model``: registry name, ``.safetensors`` path, a :class:`~LTDiffPPLib.modelfile.LoadedModel` (its
     file is used) or None (the registry's default). After :data:`DONE`, :meth:`output_volume` reads
     the result and deletes the temporary files; ``result`` holds ``description``, ``model`` (name,
-    sha256, kernels), ``steps``, ``solver``, ``seed``, ``seconds``. ``workdir``/``temp_root``: where the
+    sha256, kernels), ``kernels`` (the source kernel and how it was found, the target, adaptations and
+    overrides of the domain guard), ``steps``, ``solver``, ``seed``, ``seconds``. ``target_kernel``,
+    ``source_kernel``, ``force``: as for ``ltdiffpp standardize``; ``dicom_kernel``: (Manufacturer,
+    ConvolutionKernel) of the volume's DICOM header (taken from ``volume.dicom_header`` when it has one),
+    which the worker's domain guard reads, since the volume travels as an image file. ``workdir``/``temp_root``: where the
     temporary files go (see :class:`Job`; a given ``workdir`` is taken over and deleted at the end).
     """
 
     def __init__(self, volume: Any, model: Any = None, *, device: str = "auto", steps: int | None = None,
                  solver: str | None = None, seed: int = 0, batch_size: int | None = None, ensemble: int = 1,
+                 target_kernel: str | None = None, source_kernel: str | None = None, force: bool = False,
+                 dicom_kernel: tuple[str, str] | None = None,
                  python: str | None = None, env: Mapping[str, str] | None = None,
                  workdir: str | os.PathLike | None = None, temp_root: str | os.PathLike | None = None):
         from .io import CTVolume
 
         model_arg = getattr(model, "path", model)
+        header = getattr(volume, "dicom_header", None)
+        if dicom_kernel is None and header is not None and header.get("ConvolutionKernel") is not None:
+            value = header.get("ConvolutionKernel")
+            dicom_kernel = (str(header.get("Manufacturer", "")),
+                            "\\".join(value) if not isinstance(value, str) else value)
         workdir = _job_folder(workdir, temp_root, "ltdiffpp-standardize-")
         try:
             if isinstance(volume, CTVolume):
@@ -579,6 +590,15 @@ class StandardizeJob(Job):
             args += ["--solver", solver]
         if batch_size is not None:
             args += ["--batch-size", str(int(batch_size))]
+        for flag, value in (("--target-kernel", target_kernel), ("--source-kernel", source_kernel)):
+            if value:
+                args += [flag, str(value)]
+        if force:
+            args.append("--force")
+        if dicom_kernel is not None:
+            args += ["--dicom-manufacturer", dicom_kernel[0], "--dicom-kernel", dicom_kernel[1]]
+        if getattr(volume, "source", ""):  # messages name the volume, not the temporary file
+            args += ["--name", str(volume.source)]
         super().__init__(args, workdir=workdir, python=python, env=env, title="Standardization", own_workdir=True)
 
     def output_volume(self):
@@ -758,37 +778,57 @@ class _Throttle:
 
 
 def _work_standardize(a: argparse.Namespace) -> None:
-    from .inference import pick_device, standardize
+    from .guard import plan_conversion
+    from .inference import pick_device, standardize_volume
     from .io import read_image, write_image
     from .modelfile import load_model
 
     t0 = time.perf_counter()
-    _emit("log", message="Loading the model")
-    model = load_model(a.model)
+    volume = read_image(a.input)
+    volume.source = a.name or volume.source
+    if a.dicom_kernel is not None:  # the header kernel of the volume the application holds
+        volume.dicom_header = dicom_kernel_header(a.dicom_manufacturer or "", a.dicom_kernel)
+    plan = plan_conversion(volume, a.target_kernel, a.source_kernel, a.model, a.force)
+    _emit("log", message=f"{plan.source.kernel.name} -> {plan.target.name}: source kernel {plan.source.describe()}; "
+                         f"loading the model {plan.model}")
+    model = load_model(plan.model)
     meta = model.metadata
     steps = int(meta["sampling"]["steps"] if a.steps is None else a.steps)
     solver = a.solver or meta["sampling"]["solver"]
-    volume = read_image(a.input)
     device = str(pick_device(a.device))
     n = volume.hu.shape[0]
     throttle = _Throttle()
     message = f"Standardizing {n} slices on {device}"
     _emit("log", message=message)
     throttle(0, n, message, force=True)
-    hu = standardize(volume.hu, volume.spacing, model, device=a.device, steps=steps, solver=solver, seed=a.seed,
-                     batch_size=a.batch_size, ensemble=a.ensemble,
-                     progress=lambda done, total: throttle(done, total, message))
-    write_image(volume.with_hu(hu), a.output)
+    converted, plan = standardize_volume(volume, model=model, plan=plan, device=a.device, steps=steps, solver=solver,
+                                         seed=a.seed, batch_size=a.batch_size, ensemble=a.ensemble,
+                                         progress=lambda done, total: throttle(done * n / total, n, message))
+    write_image(converted, a.output)
     seconds = time.perf_counter() - t0
     name = meta.get("name") or model.path.stem
-    description = (f"LTDiffPP {meta['source_kernel']} -> {meta['target_kernel']}; model {name} "
-                   f"(sha256 {model.sha256[:12]}); {solver} {steps} steps; seed {a.seed}"
-                   + (f"; ensemble {a.ensemble}" if a.ensemble > 1 else ""))
+    description = (f"LTDiffPP {plan.source.kernel.name} -> {plan.target.name}; source kernel {plan.source.describe()}; "
+                   f"model {name} (sha256 {model.sha256[:12]}); {solver} {steps} steps; seed {a.seed}"
+                   + (f"; ensemble {a.ensemble}" if a.ensemble > 1 else "")
+                   + "".join(f"; {k}: {v}" for k, v in plan.provenance().items() if k in ("adapted", "overridden")))
     _emit("done", output=str(a.output), description=description, steps=steps, solver=solver, seed=a.seed,
           device=device, seconds=round(seconds, 2),
           model={"name": name, "sha256": model.sha256, "path": str(model.path),
                  "source_kernel": meta["source_kernel"], "target_kernel": meta["target_kernel"]},
+          kernels={"source": plan.source.kernel.name, "how": plan.source.how, "source_text": plan.source.describe(),
+                   "target": plan.target.name, "adapted": plan.notes, "overridden": plan.overridden},
           message=f"Done: {n} slices in {seconds:.1f} s on {device}")
+
+
+def dicom_kernel_header(manufacturer: str, kernel: str) -> Any:
+    """A header holding only Manufacturer and ConvolutionKernel (values separated by '\\'), what the
+    domain guard reads to identify the source kernel of a volume passed to the worker as an image file."""
+    from pydicom import Dataset
+
+    ds = Dataset()
+    ds.Manufacturer = manufacturer
+    ds.ConvolutionKernel = kernel.split("\\") if "\\" in kernel else kernel
+    return ds
 
 
 def _work_radiomics(a: argparse.Namespace) -> None:
@@ -851,6 +891,12 @@ def worker_main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--ensemble", type=int, default=1)
+    s.add_argument("--target-kernel")
+    s.add_argument("--source-kernel")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--dicom-manufacturer")
+    s.add_argument("--dicom-kernel")
+    s.add_argument("--name", help="what messages call the volume (default: the input file)")
     s.set_defaults(func=_work_standardize)
     r = sub.add_parser("radiomics")
     r.add_argument("spec")

@@ -341,7 +341,7 @@ def test_console_api_on_a_real_scene(monkeypatch, tiny_model_path):
     logic = module.LTDiffPPLogic()
     info = logic.modelInfoText(str(tiny_model_path))
     assert "B30f" in info and "UNTRAINED" in info
-    out = logic.standardize(ct, model=str(tiny_model_path), steps=2, seed=0, device="cpu")
+    out = logic.standardize(ct, model=str(tiny_model_path), steps=2, seed=0, device="cpu", sourceKernel="B30f")
     assert out.GetName() == "CT_B70f" and scene.GetNodeByID(out.GetID()) is out
     assert slicer.util.arrayFromVolume(out).shape == (2, 48, 48)
 
@@ -473,7 +473,7 @@ def test_apply_to_all_and_the_status_text_through_the_logic(monkeypatch, tiny_mo
         sh.SetItemParent(sh_item(scene, node), folder)
     logic = module.LTDiffPPLogic()
     batch = logic.standardizeFolder(folder, model=str(tiny_model_path), steps=1, device="cpu",
-                                    waitForCompletion=False)
+                                    waitForCompletion=False, sourceKernel="B30f")
     texts = []
     while batch.poll() == "running":
         texts.append(logic.statusText(batch))
@@ -482,7 +482,7 @@ def test_apply_to_all_and_the_status_text_through_the_logic(monkeypatch, tiny_mo
     assert [o.GetName() for o in outputs] == ["case0_B70f", "case1_B70f"]
     final = logic.statusText(batch)
     assert final.startswith("Batch done: 2 of 2 volumes standardized")
-    assert "Warning: case1: in-plane spacing [2.0, 2.0] mm" in final and "case0:" not in final
+    assert "Warning: case1: in-plane pixels 2 x 2 mm resampled to 1 mm" in final and "case0:" not in final
     assert any(t.startswith("Volume 1 of 2 (case0)") for t in texts)
 
 

@@ -202,7 +202,7 @@ def test_worker_run_end_to_end_new_node_beside_input(scene, ct, tiny_model, tiny
     study = _in_study(scene, inp)
     before = slicer.util.arrayFromVolume(inp).copy()
     n_volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-    task = start_standardize_volume_node(scene, inp, model=str(tiny_model_path), steps=2, seed=1, device="cpu")
+    task = start_standardize_volume_node(scene, inp, model=str(tiny_model_path), source_kernel="B30f", steps=2, seed=1, device="cpu")
     seen = []
     while task.poll() == "running":  # what the widget's QTimer does
         seen.append(task.progress)
@@ -231,7 +231,7 @@ def test_cancelled_worker_run_leaves_the_output_untouched(scene, tiny_model_path
     inp = _volume_node(scene, big, "chest")
     out = _volume_node(scene, big.with_hu(np.full(big.hu.shape, 7.0, np.float32)), "previous result")
     n_nodes = scene.GetNumberOfNodes()
-    task = start_standardize_volume_node(scene, inp, out, model=str(tiny_model_path), steps=50, device="cpu")
+    task = start_standardize_volume_node(scene, inp, out, model=str(tiny_model_path), source_kernel="B30f", steps=50, device="cpu")
     deadline = time.monotonic() + 120
     while task.poll() == "running" and task.progress == 0.0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -252,13 +252,13 @@ def test_failed_worker_run_says_why_and_adds_no_node(scene, ct, tmp_path):
     bogus = tmp_path / "not-a-model.safetensors"
     bogus.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     n_nodes = scene.GetNumberOfNodes()
-    task = start_standardize_volume_node(scene, inp, model=str(bogus), steps=2, device="cpu")
+    task = start_standardize_volume_node(scene, inp, model=str(bogus), source_kernel="B30f", steps=2, device="cpu")
     with pytest.raises(JobError, match="not-a-model.safetensors") as info:
         task.wait(timeout=120)
     assert info.value.kind == "ModelFileError"
     assert scene.GetNumberOfNodes() == n_nodes
     with pytest.raises(InputError, match=">= 1"):
-        start_standardize_volume_node(scene, inp, model=str(bogus), steps=0)
+        start_standardize_volume_node(scene, inp, model=str(bogus), source_kernel="B30f", steps=0)
 
 
 # ----------------------------------------------------------------------------------------- segments
@@ -387,14 +387,14 @@ def test_a_new_output_node_per_input_unless_chosen(scene, ct, tiny_model_path):
 
     a = _volume_node(scene, ct, "chestA")
     b = _volume_node(scene, ct.with_hu(ct.hu[::-1].copy()), "chestB")
-    out_a = start_standardize_volume_node(scene, a, model=str(tiny_model_path), steps=1, device="cpu").wait(timeout=300)
+    out_a = start_standardize_volume_node(scene, a, model=str(tiny_model_path), source_kernel="B30f", steps=1, device="cpu").wait(timeout=300)
     before = slicer.util.arrayFromVolume(out_a).copy()
-    out_b = start_standardize_volume_node(scene, b, out_a, model=str(tiny_model_path), steps=1,
+    out_b = start_standardize_volume_node(scene, b, out_a, model=str(tiny_model_path), source_kernel="B30f", steps=1,
                                           device="cpu").wait(timeout=300)
     assert out_b is not out_a and out_b.GetName() == "chestB_B70f"
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(out_a), before)  # A's result untouched
     assert out_b.GetAttribute("LTDiffPP.source_volume") == b.GetID()
-    again = start_standardize_volume_node(scene, a, out_a, model=str(tiny_model_path), steps=1, seed=5,
+    again = start_standardize_volume_node(scene, a, out_a, model=str(tiny_model_path), source_kernel="B30f", steps=1, seed=5,
                                           device="cpu").wait(timeout=300)
     assert again is out_a and "seed 5" in out_a.GetDescription()  # the same input's result is refreshed
     mine = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my volume")
@@ -426,7 +426,7 @@ def test_apply_to_all_converts_the_ct_volumes_of_a_folder(scene, ct, tiny_model,
 
     patient, study, cts, outside = _study_with_volumes(scene, ct)
     assert ct_volumes_in_folder(scene, patient) == cts  # all levels below; MR, label map, result skipped
-    batch = start_batch_standardize(scene, patient, str(tiny_model_path), steps=1, seed=2, device="cpu")
+    batch = start_batch_standardize(scene, patient, str(tiny_model_path), source_kernel="B30f", steps=1, seed=2, device="cpu")
     seen = []
     while batch.poll() == "running":  # what the widget's QTimer does: one progress bar for the batch
         seen.append((batch.progress, batch.message))
@@ -456,7 +456,7 @@ def test_apply_to_all_goes_on_past_a_bad_volume_and_cancel_stops_it(scene, tiny_
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no voxels")
     first, second = _volume_node(scene, big, "big1"), _volume_node(scene, big, "big2")
     n_nodes = scene.GetNumberOfNodes()
-    batch = BatchStandardization(scene, [empty, first, second], str(tiny_model_path), steps=50, device="cpu").start()
+    batch = BatchStandardization(scene, [empty, first, second], str(tiny_model_path), source_kernel="B30f", steps=50, device="cpu").start()
     assert "no voxels" in batch.failures and "no image data" in batch.failures["no voxels"]
     deadline = time.monotonic() + 120
     while batch.poll() == "running" and batch.progress <= 1 / 3 and time.monotonic() < deadline:
@@ -476,9 +476,9 @@ def test_status_text_lists_the_workers_warnings(scene, tiny_model_path):
     coarse = CTVolume(hu=qa_phantom((1, 32, 32), spacing_mm=6.0, seed=2), spacing=(2.0, 2.0, 2.5),
                       origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0))
     node = _volume_node(scene, coarse, "coarse")
-    task = start_standardize_volume_node(scene, node, model=str(tiny_model_path), steps=1, device="cpu")
+    task = start_standardize_volume_node(scene, node, model=str(tiny_model_path), source_kernel="B30f", steps=1, device="cpu")
     task.wait(timeout=300)
-    assert task.warnings and "in-plane spacing [2.0, 2.0] mm" in task.warnings[0]
+    assert task.warnings and "in-plane pixels 2 x 2 mm resampled to 1 mm" in task.warnings[0]
     text = status_text(task)
     assert text.startswith("Done: 1 slices") and f"Warning: {task.warnings[0]}" in text
 

@@ -60,7 +60,7 @@ def volume() -> CTVolume:
 
 
 def test_standardize_job_matches_the_in_process_result(volume, tiny_model, tiny_model_path):
-    job = StandardizeJob(volume, tiny_model, steps=2, seed=1, device="cpu")  # a LoadedModel: its file is used
+    job = StandardizeJob(volume, tiny_model, source_kernel="B30f", steps=2, seed=1, device="cpu")  # a LoadedModel: its file is used
     assert job.state == "not started" and (job.workdir / "input.nrrd").is_file()
     updates = []
     result = job.wait(timeout=300, progress=lambda fraction, message: updates.append((fraction, message)))
@@ -82,7 +82,7 @@ def test_standardize_job_matches_the_in_process_result(volume, tiny_model, tiny_
 def test_cancel_mid_run_stops_the_worker_and_leaves_nothing(tiny_model_path):
     big = CTVolume(hu=qa_phantom((24, 64, 64), spacing_mm=3.0, seed=1), spacing=(0.7, 0.7, 2.0),
                    origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0))
-    job = StandardizeJob(big, str(tiny_model_path), steps=50, device="cpu").start()
+    job = StandardizeJob(big, str(tiny_model_path), source_kernel="B30f", steps=50, device="cpu").start()
     deadline = time.monotonic() + 120
     while job.poll() == RUNNING and job.progress == 0.0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -177,7 +177,7 @@ def test_timeout_cancels(tmp_path):
 def test_bad_model_file_fails_with_the_library_message(volume, tmp_path):
     bogus = tmp_path / "weights.safetensors"
     bogus.write_bytes(b"\x80\x04 a pickle pretending to be safetensors")
-    job = StandardizeJob(volume, str(bogus), steps=2, device="cpu")
+    job = StandardizeJob(volume, str(bogus), source_kernel="B30f", steps=2, device="cpu")
     with pytest.raises(JobError, match="pickle") as info:
         job.wait(timeout=120)
     assert info.value.kind == "ModelFileError" and not job.workdir.exists()
@@ -185,7 +185,7 @@ def test_bad_model_file_fails_with_the_library_message(volume, tmp_path):
 
 def test_worker_exits_when_its_parent_goes_away(volume, tiny_model_path):
     """The worker watches its stdin: closing it (the parent died) ends the worker."""
-    job = StandardizeJob(volume, str(tiny_model_path), steps=500, device="cpu").start()
+    job = StandardizeJob(volume, str(tiny_model_path), source_kernel="B30f", steps=500, device="cpu").start()
     deadline = time.monotonic() + 120
     while job.poll() == RUNNING and not job.message.startswith("Standardizing") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -253,25 +253,29 @@ def test_model_summary_without_torch(tiny_model_path, tmp_path):
 
 # ------------------------------------------------------------------------- warnings, logging, pipes
 def test_worker_warnings_reach_job_warnings_and_the_log(tiny_model_path, caplog):
-    """A 2.0 mm volume through a model trained on 0.5-1.0 mm pixels: the in-process call warns; the
-    same call in the worker must warn the caller too (Job.warnings, and the application log)."""
+    """A 2.0 mm volume through a model trained on 0.5-1.0 mm pixels: the in-process call warns (the domain
+    guard resamples it); the same call in the worker must warn the caller too (Job.warnings, and the
+    application log). The warnings name the input, which the worker reads from a temporary file."""
     import logging
     import warnings
 
+    from LTDiffPPLib.guard import DomainWarning
+    from LTDiffPPLib.inference import standardize_volume
+
     coarse = CTVolume(hu=qa_phantom((1, 32, 32), spacing_mm=6.0, seed=2), spacing=(2.0, 2.0, 2.5),
-                      origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0))
+                      origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0), source="coarse")
     from LTDiffPPLib.modelfile import load_model
 
     with warnings.catch_warnings(record=True) as in_process:
         warnings.simplefilter("always")
-        _standardize(coarse.hu, coarse.spacing, load_model(tiny_model_path), steps=1, device="cpu")
-    expected = [str(w.message) for w in in_process if "in-plane spacing" in str(w.message)]
-    assert expected, "the in-process call should warn (the oracle of this test)"
+        standardize_volume(coarse, source_kernel="B30f", model=load_model(tiny_model_path), steps=1, device="cpu")
+    expected = [str(w.message).removeprefix("coarse: ") for w in in_process if w.category is DomainWarning]
+    assert expected and "resampled to 1 mm" in expected[0], "the in-process call should warn (the oracle)"
     caplog.set_level(logging.INFO, logger="LTDiffPPLib.runner")
-    job = StandardizeJob(coarse, str(tiny_model_path), steps=1, device="cpu")
+    job = StandardizeJob(coarse, str(tiny_model_path), source_kernel="B30f", steps=1, device="cpu")
     job.wait(timeout=300)
     assert job.state == DONE
-    assert job.warnings == expected  # the same text, as a list of strings
+    assert job.warnings == [f"coarse: {w}" for w in expected]  # the same text, as a list of strings
     logged = [r for r in caplog.records if r.name == "LTDiffPPLib.runner" and r.levelno == logging.WARNING]
     assert any(expected[0] in r.getMessage() for r in logged)
     assert any("Standardizing 1 slices" in r.getMessage() for r in caplog.records)  # worker output is logged
@@ -310,7 +314,7 @@ def test_worker_errors_use_the_panels_words_not_the_clis(volume, tiny_model_path
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU: asking for one does not fail here")
-    job = StandardizeJob(volume, str(tiny_model_path), steps=1, device="cuda")
+    job = StandardizeJob(volume, str(tiny_model_path), source_kernel="B30f", steps=1, device="cuda")
     with pytest.raises(JobError) as info:
         job.wait(timeout=120)
     assert "--device" not in str(info.value) and "choose the device 'cpu'" in str(info.value)
