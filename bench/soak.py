@@ -81,8 +81,8 @@ def main() -> int:
                   and np.allclose(back.origin, v.origin, atol=1e-4) and np.allclose(back.spacing, v.spacing, atol=1e-4))
             if not ok:
                 invalid.append(i)
-            io._remove(src)  # keep the disk footprint constant
-            io._remove(out)
+            io.atomic._remove(src)  # keep the disk footprint constant
+            io.atomic._remove(out)
             times.append(time.perf_counter() - t0)
             rss.append(rss_mib())
         total = time.perf_counter() - t_start
