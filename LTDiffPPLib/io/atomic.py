@@ -8,21 +8,24 @@ mid-write are swept by the next write. Problems with an output path raise
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OutputError
 from .formats import _image_ext
 
-__all__ = ["atomic_output", "check_output_path"]
+__all__ = ["atomic_output", "check_not_input", "check_output_path", "output_lock", "write_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +37,45 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def check_output_path(final_path: str | os.PathLike, *, overwrite: bool = False, is_dir: bool = False) -> Path:
+def check_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Raise :class:`OutputError` when writing ``output`` could touch one of ``inputs``, whatever the flags.
+
+    Refused: an output that resolves to an input (the same path after ``..``, symbolic links and hard
+    links), an output inside an input folder (a DICOM series), and an output folder that holds an input
+    (replacing the folder would delete it). Inputs are never modified.
+    """
+    out = Path(os.path.realpath(output))
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        src = Path(os.path.realpath(given))
+        same = out == src
+        if not same and out.exists() and src.exists():
+            try:
+                same = os.path.samefile(out, src)
+            except OSError:
+                pass
+        if same:
+            raise OutputError(f"Cannot write {output}: it is the input {given}; inputs are never modified, "
+                              "choose another output path.")
+        if src.is_dir() and src in out.parents:
+            raise OutputError(f"Cannot write {output}: it lies inside the input folder {given}; inputs are never "
+                              "modified, choose an output outside it.")
+        if out in src.parents:
+            raise OutputError(f"Cannot write {output}: it holds the input {given}, which writing it would "
+                              "replace; choose another output path.")
+
+
+def check_output_path(final_path: str | os.PathLike, *, overwrite: bool = False, is_dir: bool = False,
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Raise :class:`OutputError` unless ``final_path`` can be written (call it before long work).
 
-    Refuses an existing output without ``overwrite``, replacing a file by a folder or the reverse,
-    and a missing or read-only parent folder.
+    Refuses an output that is, holds or lies inside one of ``inputs`` (:func:`check_not_input`), an
+    existing output without ``overwrite``, replacing a file by a folder or the reverse, and a missing or
+    read-only parent folder.
     """
     final = Path(final_path)
+    check_not_input(final, inputs)
     if final.exists() or final.is_symlink():
         if not overwrite:
             raise OutputError(f"{final} already exists; pass overwrite=True (--overwrite) or choose another path.")
@@ -51,6 +86,29 @@ def check_output_path(final_path: str | os.PathLike, *, overwrite: bool = False,
     if not os.access(final.parent, os.W_OK | os.X_OK):
         raise OutputError(f"Cannot write {final}: folder {final.parent} is not writable.")
     return final
+
+
+def write_failure(final: str | os.PathLike, exc: BaseException | str) -> OutputError:
+    """An :class:`OutputError` for a failed write of ``final``, one line: "no space left on device" when
+    the disk is full (errno ENOSPC, or a library's vaguer message while the file system has no room)."""
+    text = exc if isinstance(exc, str) else (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+    lines = str(text).strip().splitlines()  # libraries append tracebacks (pydicom) or ITK's object dumps
+    reason = " ".join(lines[0].split()) if lines else type(exc).__name__
+    folder = next((p for p in Path(final).parents if p.is_dir()), Path(final).parent)
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "[Errno 28]" in str(text)
+    if not full:
+        try:
+            full = shutil.disk_usage(folder).free < _FULL_BYTES
+        except OSError:
+            pass
+    if full:
+        return OutputError(f"Cannot write {final}: no space left on device (the file system of {folder} is full); "
+                           "free some space or choose another output folder.")
+    return OutputError(f"Cannot write {final}: {reason}")
+
+
+#: free bytes below which a failed write is put down to a full disk
+_FULL_BYTES = 1 << 20
 
 
 _HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
@@ -66,22 +124,91 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _sweep_stale(final: Path) -> None:
-    """Remove ``final``'s temporaries left by writers on this host that were killed mid-write.
+#: a temporary of :func:`atomic_output` (or a detached header's staging folder): name, host, pid
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}")
 
-    A temporary is ``.{name}.tmp-{host}-{pid}-{random}``; one whose process no longer exists can never
-    be completed. Temporaries of live processes and of other hosts (shared file systems) are left alone.
+
+def _sweep_stale(final: Path) -> None:
+    """Remove the temporaries in ``final``'s folder that writers on this host left when killed mid-write.
+
+    A temporary is ``.{name}.tmp-{host}-{pid}-{random}`` (any output name); one whose process no longer
+    exists can never be completed. Temporaries of live processes and of other hosts (shared file
+    systems) are left alone, and so are lock files held by a live run (:func:`output_lock`).
     """
-    prefix = f".{final.name}.tmp-{_HOST_TAG}-"
     try:
-        siblings = [p for p in final.parent.iterdir() if p.name.startswith(prefix)]
+        entries = list(final.parent.iterdir())
     except OSError:
         return
-    for path in siblings:
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            log.info("removing %s, left by an interrupted writer (pid %s)", path, pid)
+    for path in entries:
+        m = _TEMPORARY.match(path.name)
+        if m and m["host"] == _HOST_TAG and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            log.info("removing %s, left by an interrupted writer (pid %s)", path, m["pid"])
             _remove(path)
+        elif path.name.startswith(".") and path.name.endswith(_LOCK_SUFFIX) and path.name != _lock_name(final):
+            _remove_if_unlocked(path)
+
+
+_LOCK_SUFFIX = ".ltdiffpp-lock"
+
+
+def _lock_name(final: Path) -> str:
+    return f".{final.name}{_LOCK_SUFFIX}"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding an exclusive lock, or None when another process holds it.
+
+    The lock is taken on the file the path names after locking (a lock file removed and re-created by
+    another run in between is locked again)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was removed by its holder meanwhile: lock the new one
+
+
+def _remove_if_unlocked(path: Path) -> None:
+    """Remove a lock file no live run holds (its run was killed)."""
+    try:
+        fd = _try_lock(path)
+    except OSError:
+        return
+    if fd is not None:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextmanager
+def output_lock(final_path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on writing ``final_path`` for the duration of the block (one run at a time).
+
+    Take it before the work, so that a second run on the same output is refused up front with
+    :class:`OutputError` instead of after its computation. The lock is ``.{name}.ltdiffpp-lock`` beside
+    the output (an advisory ``flock``: released by the kernel when a run dies, even by SIGKILL; the
+    file is removed on exit, or by the next write in that folder when its run was killed).
+    """
+    final = Path(final_path)
+    lock = final.parent / _lock_name(final)
+    try:
+        fd = _try_lock(lock)
+    except OSError as exc:
+        raise OutputError(f"Cannot write {final}: cannot create its lock file {lock} ({exc.strerror or exc}).") from exc
+    if fd is None:
+        raise OutputError(f"Cannot write {final}: another run is writing it now; wait for that run to finish or "
+                          "choose another output path.")
+    try:
+        yield final
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -97,10 +224,10 @@ def _exchange(a: Path, b: Path) -> bool:
     rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
     if rc == 0:
         return True
-    errno = ctypes.get_errno()
-    if errno in (38, 22, 95):  # ENOSYS, EINVAL, EOPNOTSUPP: kernel or file system cannot exchange
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or file system cannot exchange
         return False
-    raise OSError(errno, os.strerror(errno), str(b))
+    raise OSError(err, os.strerror(err), str(b))
 
 
 @contextmanager
@@ -110,7 +237,7 @@ def atomic_output(final_path: str | os.PathLike, *, overwrite: bool = False, is_
     The temporary is ``.{name}.tmp-{host}-{pid}-{random}`` (a file's keeps its extension at the end, so
     writers that choose a format by extension still work); with ``is_dir`` it is created as an empty
     folder. An exception in the block removes it and leaves any existing output untouched; a process
-    killed mid-write leaves only the hidden temporary, which the next write of the same output removes.
+    killed mid-write leaves only the hidden temporary, which the next write into that folder removes.
     An existing output without ``overwrite``, or a missing or read-only parent folder, raise
     :class:`OutputError` up front. An existing folder is replaced by an atomic exchange (Linux), else
     by renaming it aside, moving the new one in, then deleting the old.
@@ -124,7 +251,7 @@ def atomic_output(final_path: str | os.PathLike, *, overwrite: bool = False, is_
         if is_dir:
             tmp.mkdir()
     except OSError as exc:
-        raise OutputError(f"Cannot write {final}: {exc}") from exc
+        raise write_failure(final, exc) from exc
     try:
         yield tmp
     except BaseException:
@@ -148,7 +275,7 @@ def atomic_output(final_path: str | os.PathLike, *, overwrite: bool = False, is_
             os.replace(tmp, final)
     except OSError as exc:
         _remove(tmp)
-        raise OutputError(f"Cannot write {final}: {exc}") from exc
+        raise write_failure(final, exc) from exc
     except BaseException:
         _remove(tmp)
         raise

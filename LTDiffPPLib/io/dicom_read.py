@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from ..errors import InputError, LTDiffPPError
 from .images import _one_line
-from .volume import CTVolume, _check_hu_range, check_memory
+from .volume import HU_LIMITS, CTVolume, _check_hu_range, check_memory
 
 __all__ = ["DicomSeriesInfo", "list_dicom_series", "read_dicom_series"]
 
@@ -40,12 +40,10 @@ class DicomSeriesInfo:
     cols: int
 
 
-
 def _text(value: object) -> str:
     if isinstance(value, pydicom.multival.MultiValue):
         return "\\".join(str(v) for v in value)
     return "" if value is None else str(value)
-
 
 
 # ------------------------------------------------------------------------------------ DICOM read
@@ -317,8 +315,42 @@ def _transfer_syntax(ds: Dataset) -> pydicom.uid.UID | None:
         return None
 
 
-def _slice_hu(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """One slice in HU (stored value × RescaleSlope + RescaleIntercept, 1/0 when absent), shaped (y, x)."""
+def _stored_value(ds: Dataset, keyword: str, tag: str, path: Path) -> int | None:
+    """``keyword`` (PixelPaddingValue or PixelPaddingRangeLimit) as a stored pixel value of this file's pixel
+    type, or None when absent. A value written in the other signedness (63536 for the bit pattern of −2000
+    in 16 bits, a common export slip) is read as that bit pattern; one that no stored value can be is an
+    :class:`InputError` naming the file and the tag."""
+    numbers = _numbers(ds, keyword, path, count=1)
+    if numbers is None:
+        return None
+    bits = _int(ds, "BitsAllocated", path, default=16, low=1)
+    signed = _int(ds, "PixelRepresentation", path, default=0) == 1
+    value = numbers[0]
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if value == int(value) and not low <= value <= high:
+        if signed and 2 ** (bits - 1) <= value < 2**bits:
+            value -= 2**bits
+        elif not signed and -(2 ** (bits - 1)) <= value < 0:
+            value += 2**bits
+    if value != int(value) or not low <= value <= high:
+        raise InputError(f"{path}: {keyword} {tag} = {numbers[0]:g} is not a {bits}-bit "
+                         f"{'signed' if signed else 'unsigned'} pixel value, so it cannot mark padding; the header "
+                         "is corrupted.")
+    return int(value)
+
+
+#: padding (outside the scan field) becomes air
+PADDING_HU = -1024.0
+
+
+def _slice_hu(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """One slice in HU (stored value × RescaleSlope + RescaleIntercept, 1/0 when absent), shaped (y, x), and
+    its padding mask (None when the file declares no PixelPaddingValue).
+
+    Stored values equal to PixelPaddingValue (0028,0120), or between it and PixelPaddingRangeLimit
+    (0028,0121), are padding: they become air (−1024 HU). Other values that give HU no CT can hold
+    (outside [−32768, 32767]) raise :class:`InputError` naming the file and the tags involved.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -332,6 +364,10 @@ def _slice_hu(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise InputError(f"{path} is a colour image (SamplesPerPixel {samples}); CT slices must be greyscale.")
     slope = (_numbers(ds, "RescaleSlope", path, 1) or [1.0])[0]
     intercept = (_numbers(ds, "RescaleIntercept", path, 1) or [0.0])[0]
+    pad = _stored_value(ds, "PixelPaddingValue", "(0028,0120)", path)
+    pad_limit = _stored_value(ds, "PixelPaddingRangeLimit", "(0028,0121)", path) if pad is not None else None
+    pad_range = None if pad is None else (min(pad, pad_limit if pad_limit is not None else pad),
+                                          max(pad, pad_limit if pad_limit is not None else pad))
     syntax = _transfer_syntax(ds)
     if syntax is None:
         raise InputError(f"{path}: TransferSyntaxUID {_text(ds.file_meta.get('TransferSyntaxUID'))!r} is not a "
@@ -344,15 +380,32 @@ def _slice_hu(path: Path, shape: tuple[int, int]) -> np.ndarray:
             raise ValueError(f"pixel values of type {raw.dtype}")
         with np.errstate(all="ignore"):
             hu = raw.astype(np.float64) * slope + intercept
+        padding = None if pad_range is None else (raw >= pad_range[0]) & (raw <= pad_range[1])
     except Exception as exc:
         if not syntax.is_compressed:
             raise InputError(f"{path}: invalid pixel data ({type(exc).__name__}: {exc}).") from exc
         hu = _slice_hu_gdcm(path, exc)  # compressed syntax pydicom has no decoder for: SimpleITK's GDCM
+        padding = None
+        if pad_range is not None:  # GDCM applied the rescale: compare in HU
+            bounds = sorted(v * slope + intercept for v in pad_range)
+            padding = (hu >= bounds[0] - 1e-3) & (hu <= bounds[1] + 1e-3)
     if hu.shape != shape:
         raise InputError(f"{path}: pixel data is shaped {hu.shape}, but Rows/Columns say {shape}.")
     if not np.isfinite(hu).all():
         raise InputError(f"{path}: pixel values times RescaleSlope plus RescaleIntercept are not finite.")
-    return hu.astype(np.float32)
+    if padding is not None:
+        hu[padding] = PADDING_HU
+    kept = hu if padding is None else hu[~padding]
+    if kept.size and (kept.min() < HU_LIMITS[0] or kept.max() > HU_LIMITS[1]):
+        bad = float(kept.max() if kept.max() > HU_LIMITS[1] else kept.min())
+        stored = (bad - intercept) / slope
+        padding_note = ("the file lacks PixelPaddingValue (0028,0120)" if pad is None else
+                        f"its PixelPaddingValue (0028,0120) is {pad}")
+        raise InputError(f"{path}: stored value {stored:.6g} gives {bad:.6g} HU (RescaleSlope (0028,1053) {slope:g}, "
+                         f"RescaleIntercept (0028,1052) {intercept:g}), which no CT can hold (HU lie within "
+                         f"[{HU_LIMITS[0]:g}, {HU_LIMITS[1]:g}]); if that value marks padding outside the scan field, "
+                         f"{padding_note}. The header does not match the pixel data.")
+    return hu.astype(np.float32), (padding if padding is not None and padding.any() else None)
 
 
 def _slice_hu_gdcm(path: Path, pydicom_error: Exception) -> np.ndarray:
@@ -366,7 +419,6 @@ def _slice_hu_gdcm(path: Path, pydicom_error: Exception) -> np.ndarray:
         raise InputError(f"{path}: cannot decode compressed pixel data ({pydicom_error}; GDCM: {_one_line(exc)}); "
                          "decompress the series first (e.g. gdcmconv --raw).") from exc
     return (image[0] if image.ndim == 3 else image).astype(np.float64)
-
 
 
 def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
@@ -398,12 +450,17 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> CTVolume:
     files, direction, step, positions, shape, (row_spacing, col_spacing) = _sorted_geometry(files)
     check_memory(len(files) * shape[0] * shape[1] * 4 + shape[0] * shape[1] * 16, folder, (len(files), *shape))
     hu = np.empty((len(files), *shape), dtype=np.float32)
+    padding: np.ndarray | None = None
     for k, (path, _) in enumerate(files):
-        hu[k] = _slice_hu(path, shape)
+        hu[k], slice_padding = _slice_hu(path, shape)
+        if slice_padding is not None:
+            if padding is None:
+                padding = np.zeros(hu.shape, dtype=bool)
+            padding[k] = slice_padding
     if not has_rescale:
         warnings.warn(f"Series in {folder}: RescaleSlope/RescaleIntercept missing in all {len(files)} files; "
                       "assuming 1/0 (stored values taken as HU).", stacklevel=3)
-    _check_hu_range(hu, folder)
+    _check_hu_range(hu, folder, padding)
     header = copy.deepcopy(files[0][1])
     return CTVolume(hu=hu, spacing=(col_spacing, row_spacing, step), origin=tuple(float(v) for v in positions[0]),
-                    direction=tuple(direction.ravel()), dicom_header=header, source=str(folder))
+                    direction=tuple(direction.ravel()), dicom_header=header, source=str(folder), padding=padding)

@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from ..errors import InputError, OutputError
-from .atomic import atomic_output
+from ..errors import InputError
+from .atomic import atomic_output, check_not_input, write_failure
 from .dicom_read import _text
 from .machine import software_versions
 from .volume import CTVolume
@@ -31,19 +31,17 @@ _CARRIED_TAGS = (
     "PatientSize", "PatientWeight", "PatientIdentityRemoved", "DeidentificationMethod", "StudyInstanceUID",
     "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "StudyDescription", "ReferringPhysicianName",
     "InstitutionName", "Manufacturer", "ManufacturerModelName", "BodyPartExamined", "PatientPosition",
-    "PositionReferenceIndicator", "ContrastBolusAgent", "KVP", "AcquisitionDate", "AcquisitionTime",
+    "Laterality", "PositionReferenceIndicator", "ContrastBolusAgent", "KVP", "AcquisitionDate", "AcquisitionTime",
 )
+# required, possibly empty (type 2, and the type 2C ones of the CT Image IOD that dciodvfy asks for)
 _TYPE2_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
                "AccessionNumber", "ReferringPhysicianName", "Manufacturer", "KVP", "PositionReferenceIndicator",
-               "AcquisitionNumber")
-
-
+               "AcquisitionNumber", "PatientPosition", "Laterality")
 
 
 def _ds(value: float) -> str:
     """A number as a DICOM decimal string (at most 16 characters)."""
     return format_number_as_ds(float(round(value, 6)) + 0.0)
-
 
 
 def _new_series_dataset(volume: CTVolume, series_description: str, convolution_kernel: str,
@@ -59,10 +57,14 @@ def _new_series_dataset(volume: CTVolume, series_description: str, convolution_k
     if volume.dicom_header is None:
         ds.PatientName, ds.PatientID, ds.StudyInstanceUID = "Anonymous", "LTDiffPP", generate_uid()
         ds.StudyDate, ds.StudyTime = today, now_time
+    if "SpecificCharacterSet" in ds and not _text(ds.SpecificCharacterSet):
+        del ds.SpecificCharacterSet  # empty is not allowed (type 1C); absent means the default repertoire
+    if not _text(ds.get("StudyInstanceUID")):
+        ds.StudyInstanceUID = generate_uid()  # type 1: a source without one gets a new study
     for keyword in _TYPE2_TAGS:  # required, possibly empty
         if keyword not in ds:
             setattr(ds, keyword, "")
-    ds.SOPClassUID, ds.Modality, ds.ImageType = CT_IMAGE_STORAGE, "CT", ["DERIVED", "SECONDARY"]
+    ds.SOPClassUID, ds.Modality, ds.ImageType = CT_IMAGE_STORAGE, "CT", ["DERIVED", "SECONDARY", "AXIAL"]
     ds.SeriesInstanceUID = generate_uid()
     ds.FrameOfReferenceUID = _text(header.get("FrameOfReferenceUID")) or generate_uid()
     old_number = _text(header.get("SeriesNumber"))
@@ -89,7 +91,6 @@ def _new_series_dataset(volume: CTVolume, series_description: str, convolution_k
     ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = "1", "0", "HU"
     ds.WindowCenter, ds.WindowWidth = "40", "400"
     return ds
-
 
 
 def _fit(value: str, limit: int, keyword: str) -> str:
@@ -120,6 +121,7 @@ def write_dicom_series(volume: CTVolume, folder: str | os.PathLike, *, series_de
     opposite order, same patient-space image).
     """
     folder = Path(folder)
+    check_not_input(folder, [volume.source])
     d = np.array(volume.direction).reshape(3, 3)
     if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
         raise InputError(f"{volume.source or 'volume'}: direction matrix is not orthonormal; cannot write DICOM.")
@@ -148,5 +150,5 @@ def write_dicom_series(volume: CTVolume, folder: str | os.PathLike, *, series_de
             try:
                 _save(ds, tmp / f"IM{k + 1:05d}.dcm")
             except OSError as exc:
-                raise OutputError(f"Cannot write {folder}: {exc}") from exc
+                raise write_failure(folder / f"IM{k + 1:05d}.dcm", exc) from exc
     return folder

@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError, OutputError
-from .atomic import atomic_output
+from .atomic import atomic_output, check_not_input, write_failure
 from .formats import _COMPRESSED_EXTENSIONS, _DETACHED_HEADER_EXTENSIONS, IMAGE_EXTENSIONS, _image_ext
 from .volume import CTVolume, _check_hu_range, check_memory
 
@@ -27,6 +27,64 @@ def _one_line(exc: BaseException) -> str:
         reason = f"{reason} {lines[-1]}"
     return reason or type(exc).__name__
 
+
+#: what each image format's content starts with, and the extension that names it
+_FORMAT_EXTENSIONS = {"NRRD": ".nrrd", "MetaImage": ".mha", "NIfTI": ".nii", "gzip-compressed NIfTI": ".nii.gz",
+                      "DICOM": "(a DICOM folder)", "PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif"}
+_EXTENSION_FORMATS = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage", ".nii": "NIfTI",
+                      ".nii.gz": "gzip-compressed NIfTI"}
+
+
+def _content_format(path: Path) -> str | None:
+    """The image format ``path``'s first bytes show (see ``_FORMAT_EXTENSIONS``), None when unrecognised."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(400)
+    except OSError:
+        return None
+    if head.startswith(b"NRRD"):
+        return "NRRD"
+    if head.startswith(b"\x89PNG"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8"):
+        return "JPEG"
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        return "TIFF"
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    if head[344:348] in (b"n+1\0", b"ni1\0") or head[344:348] == b"n+2\0" or head[4:8] == b"n+2\0":
+        return "NIfTI"
+    if head.startswith(b"\x1f\x8b"):
+        import gzip
+
+        try:
+            with gzip.open(path, "rb") as g:
+                inner = g.read(400)
+        except (OSError, EOFError):
+            return None
+        return "gzip-compressed NIfTI" if inner[344:348] in (b"n+1\0", b"ni1\0") else None
+    text = head.decode("latin-1")
+    if any(text.lstrip().startswith(k) for k in ("ObjectType", "NDims", "DimSize", "Comment")) and "=" in text:
+        return "MetaImage"
+    return None
+
+
+def _unreadable_reason(path: Path, ext: str) -> str | None:
+    """Why ITK cannot read ``path`` when the reason is plain: an empty file, or content of another format
+    than its extension says; None when the content looks like its extension (then ITK's reason stands)."""
+    try:
+        if path.stat().st_size == 0:
+            return f"{path} is an empty file (0 bytes); nothing to read."
+    except OSError:
+        return None
+    found, expected = _content_format(path), _EXTENSION_FORMATS.get(ext)
+    if found == expected:
+        return None
+    if found is None:
+        return (f"{path}: the content is not a {expected} image (its first bytes match no supported format); "
+                "the file is damaged or of another type.")
+    return (f"{path}: the content is a {found} file, but the name ends in {ext}; the content does not match the "
+            f"extension (rename it to end in {_FORMAT_EXTENSIONS[found]}).")
 
 
 def from_sitk(image: sitk.Image, source: str = "") -> CTVolume:
@@ -104,13 +162,13 @@ def read_image(path: str | os.PathLike) -> CTVolume:
         check_memory(voxels * (2 * components * (int(bits.group(1)) // 8 if bits else 8) + 4), path, size[::-1])
         image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"Cannot read image {path}: {_one_line(exc)}") from exc
+        plain = _unreadable_reason(path, _image_ext(path) or "")
+        raise InputError(plain or f"Cannot read image {path}: {_one_line(exc)}") from exc
     except MemoryError as exc:
         raise InputError(f"Cannot read image {path}: out of memory ({exc}).") from exc
     volume = from_sitk(image, source=str(path))
     _check_hu_range(volume.hu, path)
     return volume
-
 
 
 def write_image(volume: CTVolume, path: str | os.PathLike, *, overwrite: bool = False,
@@ -125,6 +183,7 @@ def write_image(volume: CTVolume, path: str | os.PathLike, *, overwrite: bool = 
     ext = _image_ext(path)
     if ext is None:
         raise OutputError(f"{path}: unknown image extension; use one of {', '.join(IMAGE_EXTENSIONS)}.")
+    check_not_input(path, [volume.source])
     image = to_sitk(volume)
     for key, value in (provenance or {}).items():
         image.SetMetaData(f"LTDiffPP_{key}", " ".join(str(value).split()))  # one line per header field
@@ -134,9 +193,44 @@ def write_image(volume: CTVolume, path: str | os.PathLike, *, overwrite: bool = 
                 _write_detached(image, path, tmp, overwrite)
             else:
                 sitk.WriteImage(image, str(tmp), useCompression=ext in _COMPRESSED_EXTENSIONS)
+                if ext in (".nii", ".nii.gz"):
+                    _check_nifti_length(tmp, volume.hu.nbytes)
         except (RuntimeError, OSError) as exc:
-            raise OutputError(f"Cannot write {path}: {_one_line(exc)}") from exc
+            raise write_failure(path, exc if isinstance(exc, OSError) else _one_line(exc)) from exc
     return path
+
+
+def _check_nifti_length(path: Path, voxel_bytes: int) -> None:
+    """Raise OSError when a NIfTI file holds fewer voxel bytes than written: ITK's NIfTI writer does not
+    report a failed write (a full disk leaves a short or empty file and no error)."""
+    if path.name.endswith(".gz"):
+        import gzip
+        import zlib
+
+        total = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    total += len(block)
+        except (OSError, EOFError, zlib.error):
+            total = -1
+    else:
+        total = path.stat().st_size
+    if total < voxel_bytes:
+        raise OSError(f"the written file is cut short (holds {max(total, 0)} bytes, the voxels need {voxel_bytes})")
+
+
+def _write_nhdr(image: sitk.Image, header_path: Path) -> None:
+    """Write a detached NRRD (``NAME.nhdr`` + ``NAME.raw.gz``) by splitting an attached one that ITK writes:
+    ITK's own detached writer keeps the data file open when a write fails (a full disk stays full)."""
+    attached = header_path.with_suffix(".nrrd")
+    sitk.WriteImage(image, str(attached), useCompression=True)
+    data = attached.read_bytes()
+    end = data.index(b"\n\n") + 1  # the header ends at the first blank line
+    data_name = f"{header_path.stem}.raw.gz"
+    header_path.write_bytes(data[:end] + f"data file: {data_name}\n".encode())
+    (header_path.parent / data_name).write_bytes(data[end + 1:])
+    attached.unlink()
 
 
 def _write_detached(image: sitk.Image, path: Path, tmp_header: Path, overwrite: bool) -> None:
@@ -145,7 +239,13 @@ def _write_detached(image: sitk.Image, path: Path, tmp_header: Path, overwrite: 
     stage = tmp_header.with_name(tmp_header.name + ".d")
     stage.mkdir()
     try:
-        sitk.WriteImage(image, str(stage / path.name), useCompression=True)
+        try:
+            if _image_ext(path) == ".nhdr":
+                _write_nhdr(image, stage / path.name)
+            else:
+                sitk.WriteImage(image, str(stage / path.name), useCompression=True)
+        except (RuntimeError, OSError) as exc:  # judged before the staging folder is removed (freeing space)
+            raise write_failure(path, exc if isinstance(exc, OSError) else _one_line(exc)) from exc
         data_files = [f for f in stage.iterdir() if f.name != path.name]
         for f in data_files:
             if (path.parent / f.name).exists() and not overwrite:

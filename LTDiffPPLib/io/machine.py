@@ -47,7 +47,6 @@ def available_memory() -> int | None:
     return min(candidates)
 
 
-
 def cpu_name() -> str:
     """The CPU model as /proc/cpuinfo names it, else what ``platform`` knows (for benchmark and model-card records).
 

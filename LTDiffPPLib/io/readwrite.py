@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pydicom
 
-from ..errors import InputError, OutputError
+from ..errors import InputError
 from .dicom_read import read_dicom_series
 from .dicom_write import write_dicom_series
-from .formats import is_image_path
+from .formats import output_is_image
 from .images import read_image, write_image
 from .volume import CTVolume
 
@@ -29,15 +29,15 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> CTVol
     return read_image(path)
 
 
-
 def write_volume(volume: CTVolume, path: str | os.PathLike, *, overwrite: bool = False,
                  series_description: str = "LTDiffPP standardized", convolution_kernel: str = "",
                  provenance: dict[str, str] | None = None) -> Path:
-    """Write an image file when ``path`` has an image extension, else a DICOM series into folder ``path``."""
+    """Write an image file when ``path`` has an image extension, else a DICOM series into folder ``path``.
+
+    An extension that cannot hold HU (``.png``, ``.tif``, ...) is refused (:func:`output_is_image`), and so
+    is a path that is, holds or lies inside ``volume.source`` (inputs are never modified)."""
     path = Path(path)
-    if is_image_path(path):
+    if output_is_image(path):
         return write_image(volume, path, overwrite=overwrite, provenance=provenance)
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        raise OutputError(f"{path}: DICOM output is a folder (one file per slice); pass a folder path.")
     return write_dicom_series(volume, path, series_description=series_description,
                               convolution_kernel=convolution_kernel, overwrite=overwrite, provenance=provenance)
