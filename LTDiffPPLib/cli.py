@@ -262,32 +262,33 @@ def _cmd_build_dataset(a: argparse.Namespace) -> int:
 
     src_k, tgt_k = _two(a.kernels, "--kernels")
     dcm_s, dcm_t = _two(a.dicom_kernels or a.kernels, "--dicom-kernels")
-    doses = [float(d) for d in a.doses.split(",")]
+    doses = [limits.check_float("--doses", d, limits.DOSE) for d in a.doses.split(",")]
     sources = [*a.simulate, *a.dicom_pair, *(p for spec in a.file_pair for p in spec.split("=", 1))]
     check_output_path(a.outdir, overwrite=a.overwrite, is_dir=True, inputs=sources)
-    pairs = []
-    for folder in a.dicom_pair:
-        pairs.append(pair_from_dicom(folder, dcm_s, dcm_t))
-        print(f"paired {folder}: {pairs[-1].source.hu.shape[0]} slices")
-    for spec in a.file_pair:
-        if "=" not in spec:
-            raise InputError(f"--file-pair expects SRC=TGT, got {spec!r}")
-        s_path, t_path = spec.split("=", 1)
-        pairs.append(pair_from_files(s_path, t_path, src_k, tgt_k, assume_same_grid=a.assume_same_grid))
-    sims = [(read_volume(p), Path(p).name.split(".")[0]) for p in a.simulate]
-    shape = tuple(int(v) for v in a.phantom_shape.split(","))
-    if a.phantoms:
-        from .phantom import chest_phantom_volume
+    with output_lock(a.outdir):  # a second run on the same output is refused here
+        pairs = []
+        for folder in a.dicom_pair:
+            pairs.append(pair_from_dicom(folder, dcm_s, dcm_t))
+            print(f"paired {folder}: {pairs[-1].source.hu.shape[0]} slices")
+        for spec in a.file_pair:
+            if "=" not in spec:
+                raise InputError(f"--file-pair expects SRC=TGT, got {spec!r}")
+            s_path, t_path = spec.split("=", 1)
+            pairs.append(pair_from_files(s_path, t_path, src_k, tgt_k, assume_same_grid=a.assume_same_grid))
+        sims = [(read_volume(p), Path(p).name.split(".")[0]) for p in a.simulate]
+        shape = tuple(int(v) for v in a.phantom_shape.split(","))
+        if a.phantoms:
+            from .phantom import chest_phantom_volume
 
-        sims += [(chest_phantom_volume(shape, seed=i), f"phantom-{i}") for i in range(a.phantoms)]
-    for vol, patient in sims:
-        t0 = time.perf_counter()
-        pairs += pairs_from_simulation(vol, patient, src_k, tgt_k, doses=doses, thickness_mm=a.thickness,
-                                       views=a.views, seed=a.seed, workers=a.workers)
-        print(f"simulated {patient}: {len(doses)} dose(s), {vol.hu.shape[0]} slices, {time.perf_counter() - t0:.0f} s")
-    out = write_dataset(pairs, a.outdir, val=a.val, test=a.test, seed=a.seed, overwrite=a.overwrite)
-    print(f"wrote {out}: {len(pairs)} pairs")
-    return 0
+            sims += [(chest_phantom_volume(shape, seed=i), f"phantom-{i}") for i in range(a.phantoms)]
+        for vol, patient in sims:
+            t0 = time.perf_counter()
+            pairs += pairs_from_simulation(vol, patient, src_k, tgt_k, doses=doses, thickness_mm=a.thickness,
+                                           views=a.views, seed=a.seed, workers=a.workers)
+            print(f"simulated {patient}: {len(doses)} dose(s), {vol.hu.shape[0]} slices, {time.perf_counter() - t0:.0f} s")
+        out = write_dataset(pairs, a.outdir, val=a.val, test=a.test, seed=a.seed, overwrite=a.overwrite)
+        print(f"wrote {out}: {len(pairs)} pairs")
+        return 0
 
 
 def _two(spec: str, flag: str) -> tuple[str, str]:
@@ -428,22 +429,23 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         raise InputError(f"--candidate names must be unique, got {names}")
     inputs = [a.reference, *(p for _, p in a.candidate), a.source, None if a.mask == "body" else a.mask]
     check_output_path(a.out, overwrite=a.overwrite, is_dir=True, inputs=inputs)
-    bar = tqdm(total=0, unit="ROI", desc="features", file=sys.stderr, disable=not sys.stderr.isatty())
+    with output_lock(a.out):  # a second run on the same output is refused here
+        bar = tqdm(total=0, unit="ROI", desc="features", file=sys.stderr, disable=not sys.stderr.isatty())
 
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-    try:
-        result = evaluate(a.reference, dict(a.candidate), source=a.source, mask=a.mask, rois=a.rois,
-                          roi_size=a.roi_size, seed=a.seed, out_dir=a.out, workers=a.workers, overwrite=a.overwrite,
-                          progress=progress)
-    finally:
-        bar.close()
-    print(result.tables_markdown)
-    print(f"wrote {result.out_dir} (results.json, table.md, CSV tables, PNG plots; "
-          f"{result.results['timing_s']['total']:.0f} s)")
-    return 0
+        try:
+            result = evaluate(a.reference, dict(a.candidate), source=a.source, mask=a.mask, rois=a.rois,
+                              roi_size=a.roi_size, seed=a.seed, out_dir=a.out, workers=a.workers, overwrite=a.overwrite,
+                              progress=progress)
+        finally:
+            bar.close()
+        print(result.tables_markdown)
+        print(f"wrote {result.out_dir} (results.json, table.md, CSV tables, PNG plots; "
+              f"{result.results['timing_s']['total']:.0f} s)")
+        return 0
 
 
 if __name__ == "__main__":
