@@ -27,8 +27,8 @@ def is_image_path(path: str | os.PathLike) -> bool:
 #: extensions of files that cannot hold a CT in Hounsfield units with its geometry (8-bit or colour
 #: pictures, documents, bare arrays, single DICOM files): refused as outputs rather than taken as folder names
 _NOT_HU_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".svg", ".pdf", ".txt",
-                      ".csv", ".json", ".npy", ".npz", ".hdr", ".img", ".vtk", ".vti", ".raw", ".zip", ".gz", ".dcm",
-                      ".dicom")
+                      ".csv", ".json", ".md", ".html", ".xml", ".npy", ".npz", ".mat", ".h5", ".hdr", ".img", ".vtk",
+                      ".vti", ".raw", ".zip", ".gz", ".dcm", ".dicom", ".safetensors", ".pt", ".pth")
 
 
 def output_is_image(path: str | os.PathLike) -> bool:
