@@ -25,6 +25,7 @@ def _one_line(exc: BaseException) -> str:
     reason = next((ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln), lines[-1] if lines else "")
     if reason.endswith(":") and lines and lines[-1] not in reason:  # the reason is on the last line (NRRD, ...)
         reason = f"{reason} {lines[-1]}"
+    reason = re.sub(r"\b\w+\(0x[0-9a-f]+\): ", "", reason)  # ITK's object addresses ("NrrdImageIO(0x5575e39d): ")
     return reason or type(exc).__name__
 
 
