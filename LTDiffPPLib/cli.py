@@ -26,10 +26,9 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
+from . import __version__, limits
 from .errors import InputError, LTDiffPPError, ModelFileError, OutputError
 from .inference import PRECISIONS
-from . import limits
 from .io import check_output_path, read_volume, software_versions, write_volume
 from .io.atomic import check_not_input, output_lock
 from .io.formats import output_is_image

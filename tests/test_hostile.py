@@ -27,7 +27,7 @@ from LTDiffPPLib.cli import main
 from LTDiffPPLib.errors import InputError, ModelFileError, OutputError
 from LTDiffPPLib.inference import standardize
 from LTDiffPPLib.io.atomic import _HOST_TAG, output_lock
-from LTDiffPPLib.modelfile import content_digest, embed_digest, load_model, sha256_file
+from LTDiffPPLib.modelfile import content_digest, embed_digest, load_model
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
