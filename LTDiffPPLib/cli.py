@@ -159,8 +159,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_standardize(a: argparse.Namespace) -> int:
-    is_image = output_is_image(a.output)
     inputs = [a.input] + ([a.model] if a.model and Path(a.model).exists() else [])
+    check_not_input(a.output, inputs)  # first: overwriting an input is the worst mistake to name
+    is_image = output_is_image(a.output)
     check_output_path(a.output, overwrite=a.overwrite, is_dir=not is_image, inputs=inputs)
     with output_lock(a.output):  # a second run on the same output is refused here, before the work
         check_output_path(a.output, overwrite=a.overwrite, is_dir=not is_image, inputs=inputs)
