@@ -9,24 +9,31 @@
     ltdiffpp kernels [--json]
     ltdiffpp demo [--out DIR]
 
-Errors the user can fix (bad input, bad model file, existing output) print one line
-``ltdiffpp: error: ...`` and exit with status 2; a cancelled run (Ctrl-C) exits with 130.
+Errors the user can fix (bad input, bad model file, existing output, an option out of range) print one
+line ``ltdiffpp: error: ...`` and exit with status 2; a cancelled run (Ctrl-C) exits with 130. Warnings
+print as one line ``ltdiffpp: warning: ...`` (their categories are unchanged, so library users can
+filter them as usual).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
-from .errors import InputError, LTDiffPPError, OutputError
+from . import __version__, limits
+from .errors import InputError, LTDiffPPError, ModelFileError, OutputError
 from .inference import PRECISIONS
-from .io import check_output_path, is_image_path, read_volume, software_versions, write_volume
-from .modelfile import load_model, read_metadata, registry, resolve_model, sha256_file
+from .io import check_output_path, read_volume, software_versions, write_volume
+from .io.atomic import check_not_input, output_lock
+from .io.formats import output_is_image
+from .modelfile import load_model, read_metadata, registry, resolve_model, sha256_file, verify_model_file
 from .models import ModelConfig
 
 EXIT_USER_ERROR = 2
@@ -35,8 +42,32 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed write
 
 
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores the caller's warning display when main returns
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """Print a warning as one line ``ltdiffpp: warning: ...`` (no source path, no code line)."""
+    print(f"ltdiffpp: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line ``ltdiffpp: error: ...`` (exit 2), like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        where = f"{command}: " if command else ""
+        self.exit(2, f"ltdiffpp: error: {where}{' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2, printed as one line)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         code = args.func(args)
         sys.stdout.flush()  # a closed stdout shows here, inside the handlers below
@@ -53,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ltdiffpp", description="CT reconstruction-kernel standardization with LTDiff++.")
+    p = _Parser(prog="ltdiffpp", description="CT reconstruction-kernel standardization with LTDiff++.")
     p.add_argument("--version", action="version", version=f"ltdiffpp {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("standardize", help="convert a CT from its reconstruction kernel to another one")
     s.add_argument("input", help="DICOM series folder, or an image file (.nrrd .nii .nii.gz .mha .mhd)")
@@ -69,11 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="model file or registered model name (default: the registered model for the "
                    "kernel pair)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    s.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    s.add_argument("--steps", type=_int_in(limits.STEPS), help="sampling steps, 1-1000 (default: the model's)")
     s.add_argument("--solver", choices=["ddim", "dpmpp2m"], help="ODE solver (default: the model's)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the shared noise field (default 0)")
-    s.add_argument("--batch-size", type=int, help="slices per batch (default 2 on CPU, 16 on GPU)")
-    s.add_argument("--ensemble", type=int, default=1, help="average K samples (default 1)")
+    s.add_argument("--seed", type=_int_in(limits.SEED), default=0, help="seed of the shared noise field (default 0)")
+    s.add_argument("--batch-size", type=_int_in(limits.BATCH_SIZE), help="slices per batch (default 2 on CPU, 16 on GPU)")
+    s.add_argument("--ensemble", type=_int_in(limits.ENSEMBLE), default=1, help="average K samples, 1-64 (default 1)")
     s.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="network arithmetic (default auto: bfloat16 on CUDA, float32 elsewhere)")
     s.add_argument("--series-uid", help="SeriesInstanceUID to read when the folder holds several series")
@@ -90,11 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("input", help="DICOM series folder or image file, in HU (the ground-truth object)")
     sim.add_argument("outdir", help="folder to write one image file per kernel into (created if missing)")
     sim.add_argument("--kernels", default="B30f,B70f", help="comma-separated kernel names (default B30f,B70f)")
-    sim.add_argument("--dose", type=float, default=2.0e5, help="incident photons per detector ray (default 2e5)")
-    sim.add_argument("--views", type=int, default=720, help="projection angles over 180 degrees (default 720)")
-    sim.add_argument("--thickness", type=float, help="slice thickness in mm (a whole multiple of the input spacing)")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--workers", type=int, help="processes (default: all cores)")
+    sim.add_argument("--dose", type=_float_in(limits.DOSE), default=2.0e5, help="incident photons per detector ray (default 2e5)")
+    sim.add_argument("--views", type=_int_in(limits.VIEWS), default=720, help="projection angles over 180 degrees (default 720)")
+    sim.add_argument("--thickness", type=_float_in(limits.THICKNESS_MM), help="slice thickness in mm (a whole multiple of the input spacing)")
+    sim.add_argument("--seed", type=_int_in(limits.SEED), default=0)
+    sim.add_argument("--workers", type=_int_in(limits.WORKERS), help="processes (default: all cores)")
     sim.add_argument("--format", default=".nrrd", choices=[".nrrd", ".nii.gz", ".mha"], help="output file type")
     sim.add_argument("--series-uid", help="SeriesInstanceUID when the folder holds several series")
     sim.add_argument("--overwrite", action="store_true")
@@ -106,21 +137,21 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--kernels", default="B30f,B70f", help="SOURCE,TARGET kernel names (simulator kernels for "
                    "--simulate/--phantoms; labels for --file-pair)")
     b.add_argument("--simulate", nargs="+", default=[], metavar="PATH", help="CT volumes (DICOM folders or images) to scan")
-    b.add_argument("--phantoms", type=int, default=0, help="number of digital chest phantoms to scan (seeds 0..N-1)")
+    b.add_argument("--phantoms", type=_int_in(limits.PHANTOMS), default=0, help="number of digital chest phantoms to scan (seeds 0..N-1)")
     b.add_argument("--phantom-shape", default="32,256,256", help="phantom Z,Y,X voxels (default 32,256,256)")
     b.add_argument("--doses", default="2e5", help="comma-separated photons per ray; one simulated pair per dose")
-    b.add_argument("--thickness", type=float, help="simulated slice thickness in mm")
-    b.add_argument("--views", type=int, default=720)
+    b.add_argument("--thickness", type=_float_in(limits.THICKNESS_MM), help="simulated slice thickness in mm")
+    b.add_argument("--views", type=_int_in(limits.VIEWS), default=720)
     b.add_argument("--dicom-pair", nargs="+", default=[], metavar="FOLDER",
                    help="patient folders holding both series of one scan")
     b.add_argument("--dicom-kernels", help="SOURCE,TARGET substrings of ConvolutionKernel (default: --kernels)")
     b.add_argument("--file-pair", nargs="+", default=[], metavar="SRC=TGT", help="image files of one scan")
     b.add_argument("--assume-same-grid", action="store_true", help="copy the source geometry onto a file pair's "
                    "target when only its metadata differs (e.g. lost spacing)")
-    b.add_argument("--val", type=float, default=0.1, help="fraction of patients for validation (default 0.1)")
-    b.add_argument("--test", type=float, default=0.1, help="fraction of patients for testing (default 0.1)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--workers", type=int, help="simulation processes (default: all cores)")
+    b.add_argument("--val", type=_float_in((0.0, 0.9)), default=0.1, help="fraction of patients for validation (default 0.1)")
+    b.add_argument("--test", type=_float_in((0.0, 0.9)), default=0.1, help="fraction of patients for testing (default 0.1)")
+    b.add_argument("--seed", type=_int_in(limits.SEED), default=0)
+    b.add_argument("--workers", type=_int_in(limits.WORKERS), help="simulation processes (default: all cores)")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=_cmd_build_dataset)
 
@@ -140,12 +171,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_standardize(a: argparse.Namespace) -> int:
+    inputs = [a.input] + ([a.model] if a.model and Path(a.model).exists() else [])
+    check_not_input(a.output, inputs)  # first: overwriting an input is the worst mistake to name
+    is_image = output_is_image(a.output)
+    check_output_path(a.output, overwrite=a.overwrite, is_dir=not is_image, inputs=inputs)
+    with output_lock(a.output):  # a second run on the same output is refused here, before the work
+        check_output_path(a.output, overwrite=a.overwrite, is_dir=not is_image, inputs=inputs)
+        return _standardize(a)
+
+
+def _standardize(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .guard import plan_conversion
     from .inference import standardize_volume
 
-    check_output_path(a.output, overwrite=a.overwrite, is_dir=not is_image_path(a.output))
     volume = read_volume(a.input, series_uid=a.series_uid)
     plan = plan_conversion(volume, a.target_kernel, a.source_kernel, a.model, a.force)
     model = load_model(plan.model)
@@ -168,8 +208,8 @@ def _cmd_standardize(a: argparse.Namespace) -> int:
                                              precision=a.precision)
     finally:
         bar.close()
-    description = (f"LTDiffPP {plan.source.kernel.name}->{plan.target.name} ({meta.get('name', model.path.stem)}, "
-                   f"{solver} {steps} steps, seed {a.seed})")
+    description = _series_description(f"LTDiffPP {plan.source.kernel.name}->{plan.target.name}",
+                                      meta.get("name", model.path.stem), solver, steps, a.seed)
     provenance = {"software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
                   "model": str(meta.get("name", model.path.stem)), "model_sha256": model.sha256,
                   "sampling": f"{solver} {steps} steps, seed {a.seed}, ensemble {a.ensemble}, precision {a.precision}",
@@ -216,6 +256,16 @@ def _pairs() -> list[tuple[str, str, str]]:
     return registered_pairs()
 
 
+def _series_description(kernels: str, name: str, solver: str, steps: int, seed: int) -> str:
+    """The output series' description, within DICOM's 64 characters (the model's name and the sampling
+    are also in DerivationDescription and the provenance): dropped piece by piece while it does not fit."""
+    for text in (f"{kernels} ({name}, {solver} {steps} steps, seed {seed})", f"{kernels} {name} {solver} {steps} steps",
+                 f"{kernels} {solver} {steps} steps seed {seed}", f"{kernels} {solver} {steps} steps", kernels):
+        if len(text) <= 64:
+            return text
+    return kernels[:64]
+
+
 def _cmd_simulate(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -230,16 +280,31 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     outputs = {k: outdir / f"{stem}_{k}{thick}{a.format}" for k in kernels}
     if outdir.exists() and not outdir.is_dir():
         raise OutputError(f"{outdir} exists and is not a folder")
-    outdir.mkdir(parents=True, exist_ok=True)
     for path in outputs.values():
-        check_output_path(path, overwrite=a.overwrite)
-    volume = read_volume(a.input, series_uid=a.series_uid)
-    t0 = time.perf_counter()
-    with tqdm(total=volume.hu.shape[0], unit="slice", desc="simulate", disable=a.quiet) as bar:
-        result = simulate(volume, kernels, protocol=protocol, thickness_mm=a.thickness, seed=a.seed,
-                          workers=a.workers, progress=lambda done, total: bar.update(done - bar.n))
-    for k, path in outputs.items():
-        write_volume(result.volumes[k], path, overwrite=a.overwrite)
+        check_not_input(path, [a.input])
+    created = [d for d in (outdir, *outdir.parents) if not d.exists()][::-1]  # made by this run, outermost first
+    outdir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        with contextlib.ExitStack() as locks:
+            for path in outputs.values():
+                check_output_path(path, overwrite=a.overwrite, inputs=[a.input])
+                locks.enter_context(output_lock(path))
+            volume = read_volume(a.input, series_uid=a.series_uid)
+            t0 = time.perf_counter()
+            with tqdm(total=volume.hu.shape[0], unit="slice", desc="simulate", disable=a.quiet) as bar:
+                result = simulate(volume, kernels, protocol=protocol, thickness_mm=a.thickness, seed=a.seed,
+                                  workers=a.workers, progress=lambda done, total: bar.update(done - bar.n))
+            for k, path in outputs.items():
+                write_volume(result.volumes[k], path, overwrite=a.overwrite)
+                written.append(path)
+    except BaseException:  # leave nothing: not the outputs of this run, nor the folders it created
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
     if not a.quiet:
         print(f"wrote {', '.join(str(p) for p in outputs.values())} in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -250,31 +315,33 @@ def _cmd_build_dataset(a: argparse.Namespace) -> int:
 
     src_k, tgt_k = _two(a.kernels, "--kernels")
     dcm_s, dcm_t = _two(a.dicom_kernels or a.kernels, "--dicom-kernels")
-    doses = [float(d) for d in a.doses.split(",")]
-    check_output_path(a.outdir, overwrite=a.overwrite, is_dir=True)
-    pairs = []
-    for folder in a.dicom_pair:
-        pairs.append(pair_from_dicom(folder, dcm_s, dcm_t))
-        print(f"paired {folder}: {pairs[-1].source.hu.shape[0]} slices")
-    for spec in a.file_pair:
-        if "=" not in spec:
-            raise InputError(f"--file-pair expects SRC=TGT, got {spec!r}")
-        s_path, t_path = spec.split("=", 1)
-        pairs.append(pair_from_files(s_path, t_path, src_k, tgt_k, assume_same_grid=a.assume_same_grid))
-    sims = [(read_volume(p), Path(p).name.split(".")[0]) for p in a.simulate]
-    shape = tuple(int(v) for v in a.phantom_shape.split(","))
-    if a.phantoms:
-        from .phantom import chest_phantom_volume
+    doses = [limits.check_float("--doses", d, limits.DOSE) for d in a.doses.split(",")]
+    sources = [*a.simulate, *a.dicom_pair, *(p for spec in a.file_pair for p in spec.split("=", 1))]
+    check_output_path(a.outdir, overwrite=a.overwrite, is_dir=True, inputs=sources)
+    with output_lock(a.outdir):  # a second run on the same output is refused here
+        pairs = []
+        for folder in a.dicom_pair:
+            pairs.append(pair_from_dicom(folder, dcm_s, dcm_t))
+            print(f"paired {folder}: {pairs[-1].source.hu.shape[0]} slices")
+        for spec in a.file_pair:
+            if "=" not in spec:
+                raise InputError(f"--file-pair expects SRC=TGT, got {spec!r}")
+            s_path, t_path = spec.split("=", 1)
+            pairs.append(pair_from_files(s_path, t_path, src_k, tgt_k, assume_same_grid=a.assume_same_grid))
+        sims = [(read_volume(p), Path(p).name.split(".")[0]) for p in a.simulate]
+        shape = tuple(int(v) for v in a.phantom_shape.split(","))
+        if a.phantoms:
+            from .phantom import chest_phantom_volume
 
-        sims += [(chest_phantom_volume(shape, seed=i), f"phantom-{i}") for i in range(a.phantoms)]
-    for vol, patient in sims:
-        t0 = time.perf_counter()
-        pairs += pairs_from_simulation(vol, patient, src_k, tgt_k, doses=doses, thickness_mm=a.thickness,
-                                       views=a.views, seed=a.seed, workers=a.workers)
-        print(f"simulated {patient}: {len(doses)} dose(s), {vol.hu.shape[0]} slices, {time.perf_counter() - t0:.0f} s")
-    out = write_dataset(pairs, a.outdir, val=a.val, test=a.test, seed=a.seed, overwrite=a.overwrite)
-    print(f"wrote {out}: {len(pairs)} pairs")
-    return 0
+            sims += [(chest_phantom_volume(shape, seed=i), f"phantom-{i}") for i in range(a.phantoms)]
+        for vol, patient in sims:
+            t0 = time.perf_counter()
+            pairs += pairs_from_simulation(vol, patient, src_k, tgt_k, doses=doses, thickness_mm=a.thickness,
+                                           views=a.views, seed=a.seed, workers=a.workers)
+            print(f"simulated {patient}: {len(doses)} dose(s), {vol.hu.shape[0]} slices, {time.perf_counter() - t0:.0f} s")
+        out = write_dataset(pairs, a.outdir, val=a.val, test=a.test, seed=a.seed, overwrite=a.overwrite)
+        print(f"wrote {out}: {len(pairs)} pairs")
+        return 0
 
 
 def _two(spec: str, flag: str) -> tuple[str, str]:
@@ -288,7 +355,10 @@ def _cmd_info(a: argparse.Namespace) -> int:
     path, expected = resolve_model(a.model)
     meta = read_metadata(path)
     digest = sha256_file(path)
-    status = "no registry entry" if expected is None else ("matches registry" if digest == expected else "MISMATCH with registry")
+    if expected is not None and digest != expected:
+        raise ModelFileError(f"{path}: checksum mismatch — the registry expects SHA-256 {expected} but the file has "
+                             f"{digest}; the file is damaged or was modified. Reinstall LTDiffPP.")
+    status = verify_model_file(path, meta, file_sha256=digest, registered_sha256=expected)
     if a.json:
         print(json.dumps({"path": str(path), "sha256": digest, "checksum": status, "metadata": meta}, indent=2, sort_keys=True))
         return 0
@@ -355,14 +425,28 @@ def _candidate(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_in(bounds: tuple[int, int]) -> Callable[[str], int]:
+    """An argparse type: a whole number within ``bounds`` (inclusive), else a one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            return limits.check_int("the value", text, bounds)
+        except InputError:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {bounds[0]} to {bounds[1]}, "
+                                             f"got {text!r}") from None
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(bounds: tuple[float, float]) -> Callable[[str], float]:
+    """An argparse type: a finite number within ``bounds`` (inclusive), else a one-line usage error."""
+    def parse(text: str) -> float:
+        try:
+            return limits.check_float("the value", text, bounds)
+        except InputError:
+            raise argparse.ArgumentTypeError(f"expected a number from {bounds[0]:g} to {bounds[1]:g}, "
+                                             f"got {text!r}") from None
+    parse.__name__ = "number"
+    return parse
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -378,10 +462,10 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     e.add_argument("--source", help="unconverted source-kernel image: adds the Fourier-ratio and ComBat baselines")
     e.add_argument("--mask", metavar="LABELMAP",
                    help="label map (one ROI per label) instead of square ROIs; 'body' for the whole body")
-    e.add_argument("--rois", type=_positive, default=200, help="square ROIs, stratified over 4 HU ranges (default 200)")
-    e.add_argument("--roi-size", type=_positive, default=32, help="square ROI side in pixels (default 32)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the ROI sampler (default 0)")
-    e.add_argument("--workers", type=_positive, default=2, help="feature-extraction processes (default 2)")
+    e.add_argument("--rois", type=_int_in(limits.ROIS), default=200, help="square ROIs, stratified over 4 HU ranges (default 200)")
+    e.add_argument("--roi-size", type=_int_in(limits.ROI_SIZE), default=32, help="square ROI side in pixels (default 32)")
+    e.add_argument("--seed", type=_int_in(limits.SEED), default=0, help="seed of the ROI sampler (default 0)")
+    e.add_argument("--workers", type=_int_in(limits.WORKERS), default=2, help="feature-extraction processes (default 2)")
     e.add_argument("--out", required=True, help="output folder (written atomically)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.set_defaults(func=_cmd_evaluate)
@@ -396,23 +480,25 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     names = [n for n, _ in a.candidate]
     if len(set(names)) != len(names):
         raise InputError(f"--candidate names must be unique, got {names}")
-    check_output_path(a.out, overwrite=a.overwrite, is_dir=True)
-    bar = tqdm(total=0, unit="ROI", desc="features", file=sys.stderr, disable=not sys.stderr.isatty())
+    inputs = [a.reference, *(p for _, p in a.candidate), a.source, None if a.mask == "body" else a.mask]
+    check_output_path(a.out, overwrite=a.overwrite, is_dir=True, inputs=inputs)
+    with output_lock(a.out):  # a second run on the same output is refused here
+        bar = tqdm(total=0, unit="ROI", desc="features", file=sys.stderr, disable=not sys.stderr.isatty())
 
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-    try:
-        result = evaluate(a.reference, dict(a.candidate), source=a.source, mask=a.mask, rois=a.rois,
-                          roi_size=a.roi_size, seed=a.seed, out_dir=a.out, workers=a.workers, overwrite=a.overwrite,
-                          progress=progress)
-    finally:
-        bar.close()
-    print(result.tables_markdown)
-    print(f"wrote {result.out_dir} (results.json, table.md, CSV tables, PNG plots; "
-          f"{result.results['timing_s']['total']:.0f} s)")
-    return 0
+        try:
+            result = evaluate(a.reference, dict(a.candidate), source=a.source, mask=a.mask, rois=a.rois,
+                              roi_size=a.roi_size, seed=a.seed, out_dir=a.out, workers=a.workers, overwrite=a.overwrite,
+                              progress=progress)
+        finally:
+            bar.close()
+        print(result.tables_markdown)
+        print(f"wrote {result.out_dir} (results.json, table.md, CSV tables, PNG plots; "
+              f"{result.results['timing_s']['total']:.0f} s)")
+        return 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import limits
 from .errors import Cancelled, InputError
 from .modelfile import LoadedModel, load_model
 from .sampler import SOLVERS, initial_noise
@@ -128,6 +129,9 @@ def standardize(
     batch_size = int(default_batch_size(dev) if batch_size is None else batch_size)
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
+    for name, value, bounds in (("seed", seed, limits.SEED), ("ensemble", ensemble, limits.ENSEMBLE),
+                                ("batch size", batch_size, limits.BATCH_SIZE), ("steps", max(steps, 1), limits.STEPS)):
+        limits.check_int(name, value, bounds)  # one-line errors instead of PyTorch's (a seed of 2**64)
     _warn_spacing(spacing, meta)
     pixel_mm = _pixel_mm(spacing, meta)
 

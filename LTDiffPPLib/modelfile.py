@@ -15,8 +15,14 @@ A model file is one ``.safetensors`` file. Its header's ``__metadata__`` holds
 - ``pixel_spacing_mm``: ``[min, max]`` in-plane spacing seen in training (a warning outside it),
 - ``training``: free-form summary (data, hardware, wall time, validation CCC), ``name``, ``description``.
 
+The header also carries ``ltdiffpp_digest``: ``"sha256:<hex>"`` of the header without that key (as
+canonical JSON: tensor names, dtypes, shapes, offsets and the metadata) followed by the raw tensor data,
+so a file verifies itself: every load recomputes it and refuses a file whose weights or metadata changed.
+Files written before the digest existed still load (with a warning unless the registry vouches for them).
+
 Loading parses only that header and raw tensors — never a pickle. Shipped models are listed in
-``resources/registry.json`` with their SHA-256, which is checked before a registered model is used.
+``resources/registry.json`` with their SHA-256, which is checked before a registered model is used; a
+file loaded by path whose metadata claims a registered model's name must be that model's file.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +47,9 @@ FORMAT = "ltdiffpp-model"
 FORMAT_VERSION = 1
 RESOURCES = Path(__file__).resolve().parent / "resources"
 REGISTRY_PATH = RESOURCES / "registry.json"
+#: header key of the embedded digest (see the module docstring)
+DIGEST_KEY = "ltdiffpp_digest"
+_DIGEST_DOMAIN = b"ltdiffpp-model-digest-v1\0"
 
 
 @dataclass
@@ -115,9 +125,97 @@ def save_model(
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "ltdiffpp": json.dumps(meta, sort_keys=True)}
     with atomic_output(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        _save_with_digest(tensors, tmp, header)
         os.chmod(tmp, 0o644)  # safetensors creates 0600; a model file is meant to be shared
     return sha256_file(path)
+
+
+def _save_with_digest(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
+    """Write a safetensors file whose header carries the digest of its own content (:func:`content_digest`).
+
+    The digest leaves out its own key, and the tensor table does not depend on the metadata, so the file
+    is written once to compute it and once more with it."""
+    header = {k: v for k, v in header.items() if k != DIGEST_KEY}
+    save_file(tensors, str(path), metadata=header)
+    digest, _ = content_digest(path)
+    save_file(tensors, str(path), metadata={**header, DIGEST_KEY: digest})
+    if content_digest(path) != (digest, digest):  # pragma: no cover - a safetensors change would show here
+        raise ModelFileError(f"{path}: the embedded digest does not verify right after writing; not saved")
+
+
+def embed_digest(path: str | os.PathLike) -> str:
+    """Rewrite a model file written before embedded digests with one (weights and metadata unchanged);
+    return its new SHA-256 (update ``registry.json`` when the file is a shipped model)."""
+    path = Path(path)
+    read_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with atomic_output(path, overwrite=True) as tmp:
+        _save_with_digest(tensors, tmp, header)
+        os.chmod(tmp, 0o644)
+    return sha256_file(path)
+
+
+def content_digest(path: str | os.PathLike) -> tuple[str, str | None]:
+    """(the digest of the file's content, the digest it carries or None): SHA-256 over the header without
+    :data:`DIGEST_KEY` as canonical JSON, then the raw tensor data. A header that is not a valid
+    safetensors JSON header raises :class:`ModelFileError` saying the file is damaged."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+            meta = header.get("__metadata__") or {}
+            if not isinstance(meta, dict):
+                raise ValueError("__metadata__ is not a JSON object")
+        except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+            raise ModelFileError(f"{path}: the file is damaged: its safetensors header is not valid ({exc}).") from None
+        embedded = meta.pop(DIGEST_KEY, None)
+        h = hashlib.sha256(_DIGEST_DOMAIN)
+        h.update(json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}", embedded
+
+
+def verify_model_file(path: str | os.PathLike, metadata: dict[str, Any], *, file_sha256: str | None = None,
+                      registered_sha256: str | None = None) -> str:
+    """Check that a model file is what it says; return how it was verified (one line, for ``info``).
+
+    Raises :class:`ModelFileError` when the embedded digest does not match the file's weights and
+    metadata (damaged or modified), or when the metadata claims the name of a registered model but the
+    file is not that model's file (``registered_sha256`` is set when it was loaded by registry name).
+    A file without an embedded digest that no registry entry vouches for loads with a warning.
+    """
+    path = Path(path)
+    embedded = _check_embedded_digest(path)
+    file_sha256 = file_sha256 or sha256_file(path)
+    name = str(metadata.get("name", ""))
+    entry = next((e for e in registry()[0] if e.name == name), None)
+    if registered_sha256 is None and entry is not None and file_sha256 != entry.sha256:
+        raise ModelFileError(f"{path} calls itself the registered model {name!r} but is not its file (SHA-256 "
+                             f"{file_sha256}, registered {entry.sha256}); it was modified, or is another model "
+                             f"under a shipped name. Use the registered model by name ('{name}'), or save your own "
+                             "model under another name.")
+    vouched = registered_sha256 is not None or entry is not None
+    if embedded is not None:
+        return "embedded digest verified" + (", matches registry" if vouched else "")
+    if vouched:
+        return "matches registry (no embedded digest)"
+    warnings.warn(f"{path} carries no embedded digest (written before LTDiffPP verified model files), so damage "
+                  "or edits cannot be detected; re-save it with LTDiffPPLib.modelfile.embed_digest.", stacklevel=3)
+    return "no embedded digest (unverified)"
+
+
+def _check_embedded_digest(path: Path) -> str | None:
+    """The digest ``path`` carries (None for an older file); :class:`ModelFileError` when it does not match."""
+    computed, embedded = content_digest(path)
+    if embedded is not None and embedded != computed:
+        raise ModelFileError(f"{path}: the file is damaged or was modified: the digest of its weights and metadata "
+                             f"({computed}) differs from the one it carries ({embedded}). Reinstall or re-export it; "
+                             "never edit a model file by hand.")
+    return embedded
 
 
 def init_model(
@@ -197,11 +295,16 @@ def load_model(model: str | os.PathLike, *, device: str | torch.device = "cpu", 
             f"{path}: checksum mismatch — the registry expects SHA-256 {expected} but the file has {digest}; "
             "the file is damaged or was modified. Reinstall it or pass a model file you trust."
         )
+    if verify_registry:
+        verify_model_file(path, meta, file_sha256=digest, registered_sha256=expected)
+    else:  # loading weights to start training from: the embedded digest still has to hold
+        _check_embedded_digest(path)
     try:
         cfg = ModelConfig.from_dict(meta["config"])
         net = LTDiffPPNet(cfg)
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k).float() for k in f.keys()}
+        _check_tensor_names(state, net, path)
         net.load_state_dict(state, strict=True)
         net.set_latent_stats(meta["latent"]["mean"], meta["latent"]["std"])
         if net.prior is not None:
@@ -211,6 +314,19 @@ def load_model(model: str | os.PathLike, *, device: str | torch.device = "cpu", 
         raise ModelFileError(f"{path}: weights do not match the architecture in its metadata ({exc})") from None
     net.eval().to(device)
     return LoadedModel(net=net, metadata=meta, sha256=digest, path=path)
+
+
+def _check_tensor_names(state: dict[str, torch.Tensor], net: LTDiffPPNet, path: Path) -> None:
+    """One line on tensors missing, unexpected or of the wrong shape, instead of PyTorch's state-dict report."""
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shaped = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shaped:
+        parts = [f"{len(v)} {what}, e.g. {v[0]}" for what, v in (("missing", missing), ("unexpected", unexpected),
+                                                                  ("of another shape", shaped)) if v]
+        raise ModelFileError(f"{path}: the file is damaged or does not belong to this LTDiffPP: its weights do not "
+                             f"match the architecture in its metadata (tensors: {'; '.join(parts)}).")
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -263,6 +379,9 @@ def resolve_model(model: str | os.PathLike | None) -> tuple[Path, str | None]:
     path = Path(model)
     if path.is_file():
         return path, None
+    if path.is_dir():
+        raise ModelFileError(f"{model} is a folder, not a model file; pass a .safetensors model file or a registered "
+                             f"model name (registered: {', '.join(sorted(by_name)) or 'none'}).")
     names = ", ".join(sorted(by_name)) or "none"
     raise ModelFileError(f"{model}: no such model file, and not a registered model name (registered: {names})")
 
@@ -274,6 +393,8 @@ _PICKLE_OR_ZIP = (b"\x80", b"PK\x03\x04")
 
 
 def _refuse_non_safetensors(path: Path) -> None:
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder, not a model file; pass a .safetensors model file.")
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     with open(path, "rb") as f:

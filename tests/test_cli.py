@@ -43,7 +43,7 @@ def test_standardize_to_dicom_series(small_nrrd, tiny_model_path, tmp_path):
     assert len(files) == 3
     ds = pydicom.dcmread(files[0])
     assert ds.ConvolutionKernel == "B70f"
-    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
     assert "B30f->B70f" in ds.SeriesDescription and "seed 5" in ds.SeriesDescription
     back = read_volume(out)
     np.testing.assert_allclose(back.origin, read_volume(small_nrrd).origin, atol=1e-4)
@@ -151,5 +151,7 @@ def test_real_dicom_series_end_to_end(shared_data, tiny_model_path, tmp_path):
     np.testing.assert_allclose(vout.origin, vin.origin, atol=1e-4)
     np.testing.assert_allclose(vout.direction, vin.direction, atol=1e-6)
     a, b = pydicom.dcmread(next(src.iterdir()), stop_before_pixels=True), vout.dicom_header
-    assert b.PatientID == a.PatientID and b.StudyInstanceUID == a.StudyInstanceUID
+    # carried over; a source without a StudyInstanceUID (type 1, this one has it empty) gets a new study
+    assert b.PatientID == a.PatientID and b.StudyInstanceUID == (a.StudyInstanceUID or b.StudyInstanceUID)
+    assert b.StudyInstanceUID
     assert b.SeriesInstanceUID != a.SeriesInstanceUID and b.ConvolutionKernel == "B70f"

@@ -69,7 +69,12 @@ def _assert_same_as_sitk(volume: io.CTVolume, image: sitk.Image) -> None:
     np.testing.assert_allclose(volume.origin, image.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(volume.spacing, image.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(volume.direction, image.GetDirection(), atol=1e-4)
-    np.testing.assert_array_equal(volume.hu, sitk.GetArrayFromImage(image).astype(np.float32))
+    expected = sitk.GetArrayFromImage(image).astype(np.float32)
+    if volume.padding is not None:  # SimpleITK does not apply PixelPaddingValue: padding reads as air here
+        assert np.all(volume.hu[volume.padding] == -1024.0)
+        assert len(np.unique(expected[volume.padding])) == 1  # one stored padding value (GE: -2000 -> -3024 HU)
+        expected[volume.padding] = -1024.0
+    np.testing.assert_array_equal(volume.hu, expected)
 
 
 def _edit_copies(src: Path, dst: Path, edit) -> Path:
@@ -200,7 +205,10 @@ def test_missing_rescale_warns(tmp_path, ge):
 
     with pytest.warns(UserWarning, match="Rescale"):
         v = io.read_volume(_edit_copies(ge, tmp_path / "norescale", drop))
-    np.testing.assert_array_equal(v.hu, io.read_volume(ge).hu + 1024)
+    base = io.read_volume(ge)
+    assert v.padding is not None and np.array_equal(v.padding, base.padding)  # PixelPaddingValue: air in both
+    np.testing.assert_array_equal(v.hu[~v.padding], base.hu[~v.padding] + 1024)
+    assert np.all(v.hu[v.padding] == -1024) and np.all(base.hu[base.padding] == -1024)
 
 
 def test_duplicate_slice(tmp_path, ge):
@@ -330,7 +338,7 @@ def test_dicom_write_synthetic_round_trip(tmp_path, synthetic, oblique):
     ds = pydicom.dcmread(out / "IM00001.dcm")
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert ds.SOPClassUID == io.CT_IMAGE_STORAGE and ds.PatientName == "Anonymous" and ds.PatientID == "LTDiffPP"
-    assert ds.SeriesNumber == 1000 and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert ds.SeriesNumber == 1000 and list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
     assert ds.PixelRepresentation == 1 and ds.BitsStored == 16 and ds.pixel_array.dtype == np.int16
 
 
@@ -355,7 +363,7 @@ def test_dicom_write_real_round_trip_and_tags(tmp_path, philips):
     assert len(sops) == 20 and not sops & {d.SOPInstanceUID for d in old}
     assert [int(d.InstanceNumber) for d in new] == list(range(1, 21))
     assert new[0].ConvolutionKernel == "B30f" and new[0].SeriesDescription == "LTDiffPP to B30f"
-    assert list(new[0].ImageType) == ["DERIVED", "SECONDARY"] and "LTDiffPP" in new[0].DerivationDescription
+    assert list(new[0].ImageType) == ["DERIVED", "SECONDARY", "AXIAL"] and "LTDiffPP" in new[0].DerivationDescription
     assert int(new[0].SeriesNumber) == int(old[0].SeriesNumber) + 1000
     assert float(new[0].SliceThickness) == float(old[0].SliceThickness)
 

@@ -70,13 +70,17 @@ def test_garbage_and_missing_files(tmp_path):
         load_model(tmp_path / "missing.safetensors")
 
 
-def _rewrite_header(src, dst, **changes):
+def _rewrite_header(src, dst, keep_digest: bool = False, **changes):
+    """A copy of model file ``src`` with header fields changed; without ``keep_digest`` the copy carries no
+    embedded digest (a file written before digests, or by hand), so the checks behind it are reached."""
     from safetensors import safe_open
 
     with safe_open(str(src), framework="pt") as f:
         header = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     header.update(changes)
+    if not keep_digest:
+        header.pop(modelfile.DIGEST_KEY, None)
     save_file(tensors, str(dst), metadata=header)
 
 

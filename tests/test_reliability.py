@@ -211,16 +211,16 @@ def test_bad_input_cli_and_api(case, series, tiny_model_path, tmp_path, capsys):
 
 def test_too_large_dicom_series_is_refused_before_reading_pixels(series, monkeypatch):
     needed = 4 * 32 * 32 * 4
-    monkeypatch.setattr(io, "available_memory", lambda: needed // 2)
+    monkeypatch.setattr(io.volume, "available_memory", lambda: needed // 2)
 
     def no_pixels(*a, **k):
         raise AssertionError("pixels were read before the memory check")
 
-    monkeypatch.setattr(io, "_slice_hu", no_pixels)
+    monkeypatch.setattr(io.dicom_read, "_slice_hu", no_pixels)
     with pytest.raises(InputError, match=r"4 × 32 × 32 volume needs about .* only .* is available") as err:
         io.read_volume(series)
     assert str(series) in str(err.value)
-    monkeypatch.setattr(io, "available_memory", lambda: None)  # unknown: no check
+    monkeypatch.setattr(io.volume, "available_memory", lambda: None)  # unknown: no check
     with pytest.raises(InputError, match="pixels were read before the memory check"):
         io.read_volume(series)
 
@@ -299,7 +299,7 @@ def test_output_exists_or_not_writable(series, tiny_model_path, tmp_path, capsys
     ro.chmod(0o555)
     with contextlib.ExitStack() as stack:
         if os.geteuid() == 0:  # root ignores permission bits: exercise the refusal through os.access
-            stack.enter_context(mock.patch.object(io.os, "access", return_value=False))
+            stack.enter_context(mock.patch.object(os, "access", return_value=False))
         with pytest.raises(OutputError, match="not writable"):
             io.check_output_path(ro / "x.nrrd")
         assert main(["standardize", str(series), str(ro / "x.nrrd"), *args]) == 2
