@@ -37,7 +37,7 @@ from .errors import InputError
 from .io import CTVolume
 from .kernels import (ImageKernelEstimate, Kernel, KernelEvidence, find_kernel, get_kernel, identify_kernel_from_image,
                       kernel_from_dicom)
-from .modelfile import read_metadata, registry, resolve_model
+from .modelcard import read_metadata, registry, resolve_model
 
 #: Smallest slice (pixels along y and along x) converted. Measured on crops of the real test1 slice
 #: (B30f -> B70f with the shipped model, 12 crops per size, docs/RESULTS.md "Small images"): at 16 px the

@@ -152,49 +152,34 @@ def torch_problem(requirement: str = ">=2.4", *, paths: Sequence[str | os.PathLi
     return None
 
 
-REGISTRY_PATH = PACKAGE_PARENT / "LTDiffPPLib" / "resources" / "registry.json"
-
-
 def list_models(registry_path: str | os.PathLike | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """The shipped models (registry entries as dicts, each with its ``path``) and the default's name,
     read without importing torch (for the GUI process). Raises ModelFileError for an unreadable registry."""
-    from .errors import ModelFileError
+    from dataclasses import asdict
 
-    path = Path(registry_path) if registry_path is not None else REGISTRY_PATH
-    try:
-        data = json.loads(path.read_text())
-        entries = [dict(e, path=str(path.parent / "models" / e["file"])) for e in data["models"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelFileError(f"{path}: model registry is unreadable ({exc})") from None
-    return entries, data.get("default")
+    from .modelcard import registry
+
+    entries, default = registry(registry_path)
+    root = Path(registry_path).parent if registry_path is not None else None
+    return [dict(asdict(e), path=str(root / "models" / e.file if root else e.path)) for e in entries], default
 
 
 def model_summary(model: str | os.PathLike) -> dict[str, Any]:
     """Name, kernels, default steps and description of a registered model (by name) or a model file,
     from the safetensors header alone (no torch, no weights read). Raises ModelFileError."""
-    from .errors import ModelFileError
+    from .modelcard import read_metadata, registry, resolve_model
 
-    entries, _ = list_models()
-    by_name = {e["name"]: e for e in entries}
+    entries, _ = registry()
+    by_name = {e.name: e for e in entries}
     registered = str(model) in by_name
-    path = Path(by_name[str(model)]["path"]) if registered else Path(model)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found")
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= 100_000_000:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-        meta = json.loads(header["__metadata__"]["ltdiffpp"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelFileError(f"{path}: not an LTDiffPP model file ({exc})") from None
+    path, _ = resolve_model(model)
+    meta = read_metadata(path)
     return {"name": meta.get("name") or path.stem, "path": str(path), "registered": registered,
             "source_kernel": meta.get("source_kernel", "?"), "target_kernel": meta.get("target_kernel", "?"),
             "steps": meta.get("sampling", {}).get("steps"), "description": meta.get("description", ""),
             "untrained": meta.get("training", {}).get("status") == "untrained",
             "pixel_spacing_mm": meta.get("pixel_spacing_mm"),
-            "registry_description": by_name[str(model)].get("description", "") if registered else ""}
+            "registry_description": by_name[str(model)].description if registered else ""}
 
 
 def model_caveats(model: str | os.PathLike | None = None) -> list[str]:

@@ -146,16 +146,19 @@ def test_small_and_non_hu_images_are_refused(tiny_model_path):
         plan_conversion(raw, source_kernel="B30f", model=tiny_model_path)
 
 
-def test_cli_refusal_writes_nothing_and_force_records_the_override(tmp_path, tiny_model_path):
+def test_cli_refusal_writes_nothing_and_force_records_the_override(tmp_path, tiny_model_path, capsys):
     src = io.write_volume(_volume(), tmp_path / "in.nrrd")
     before = src.read_bytes()
     out = tmp_path / "out.nrrd"
     assert main(["standardize", str(src), str(out), "--model", str(tiny_model_path), "--quiet"]) == 2
-    assert not out.exists() and src.read_bytes() == before
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ltdiffpp: error: ") and "source kernel unknown" in err
+    assert not out.exists() and src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.nrrd"]
     dcm = tmp_path / "forced"
-    with pytest.warns(DomainWarning):
-        assert main(["standardize", str(src), str(dcm), "--model", str(tiny_model_path), "--steps", "1", "--force",
-                     "--quiet"]) == 0
+    assert main(["standardize", str(src), str(dcm), "--model", str(tiny_model_path), "--steps", "1", "--force",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("ltdiffpp: warning: ") and "converted despite: source kernel unknown" in err
     header = io.read_volume(dcm).dicom_header
     assert "overridden: source kernel unknown" in header.DerivationDescription
     assert "B30f" in header.DerivationDescription and header.ConvolutionKernel == "B70f"

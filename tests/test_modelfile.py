@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from LTDiffPPLib import modelfile
+from LTDiffPPLib import modelcard, modelfile
 from LTDiffPPLib.errors import ModelFileError, OutputError
 from LTDiffPPLib.modelfile import FORMAT, init_model, load_model, read_metadata, save_model, sha256_file
 from conftest import TINY
@@ -118,8 +118,8 @@ def temp_registry(tmp_path, monkeypatch, tiny_model_path):
     entry = {"name": "tiny", "file": "tiny.safetensors", "sha256": sha256_file(model), "source_kernel": "B30f",
              "target_kernel": "B70f", "description": "test"}
     (res / "registry.json").write_text(json.dumps({"format_version": 1, "default": "tiny", "models": [entry]}))
-    monkeypatch.setattr(modelfile, "RESOURCES", res)
-    monkeypatch.setattr(modelfile, "REGISTRY_PATH", res / "registry.json")
+    monkeypatch.setattr(modelcard, "RESOURCES", res)
+    monkeypatch.setattr(modelcard, "REGISTRY_PATH", res / "registry.json")
     return model
 
 
@@ -147,7 +147,7 @@ def test_unknown_name_lists_registered_models(temp_registry):
 def test_no_default_model_says_so(tmp_path, monkeypatch):
     reg = tmp_path / "registry.json"
     reg.write_text(json.dumps({"format_version": 1, "default": None, "models": []}))
-    monkeypatch.setattr(modelfile, "REGISTRY_PATH", reg)
+    monkeypatch.setattr(modelcard, "REGISTRY_PATH", reg)
     with pytest.raises(ModelFileError, match="no default model is shipped"):
         load_model(None)
 

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from LTDiffPPLib import io, modelfile
+from LTDiffPPLib import io, modelcard, modelfile
 from LTDiffPPLib.cli import main
 from LTDiffPPLib.errors import InputError, LTDiffPPError, ModelFileError, OutputError
 from LTDiffPPLib.modelfile import sha256_file
@@ -322,8 +322,8 @@ def test_tampered_registered_model_refused_by_cli(series, tiny_model_path, tmp_p
     entry = {"name": "tiny", "file": "tiny.safetensors", "sha256": expected, "source_kernel": "B30f",
              "target_kernel": "B70f", "description": "test"}
     (res / "registry.json").write_text(json.dumps({"format_version": 1, "default": "tiny", "models": [entry]}))
-    monkeypatch.setattr(modelfile, "RESOURCES", res)
-    monkeypatch.setattr(modelfile, "REGISTRY_PATH", res / "registry.json")
+    monkeypatch.setattr(modelcard, "RESOURCES", res)
+    monkeypatch.setattr(modelcard, "REGISTRY_PATH", res / "registry.json")
     data[len(data) // 2] ^= 0xFF  # one byte in the weights
     model.write_bytes(bytes(data))
     actual = sha256_file(model)

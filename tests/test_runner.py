@@ -245,9 +245,9 @@ def test_model_summary_without_torch(tiny_model_path, tmp_path):
     from LTDiffPPLib.errors import ModelFileError
     from LTDiffPPLib.runner import model_summary
 
-    with pytest.raises(ModelFileError, match="not an LTDiffPP model file"):
+    with pytest.raises(ModelFileError, match="pickle/PyTorch checkpoint, not safetensors"):
         model_summary(bogus)
-    with pytest.raises(ModelFileError, match="not found"):
+    with pytest.raises(ModelFileError, match="no such model file"):
         model_summary(tmp_path / "missing.safetensors")
 
 
