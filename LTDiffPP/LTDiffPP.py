@@ -149,11 +149,14 @@ def _sampleProgressDialog():
 @parameterNodeWrapper
 class LTDiffPPParameterNode:
     """The module's state, saved with the scene. ``model``: registry name or model file path ("" = the
-    registry's default); ``steps`` 0 = the model's default."""
+    model for the kernel pair); ``targetKernel`` ("" = the model's target) and ``sourceKernel`` ("" = from
+    the DICOM header, else estimated from the image): kernel library names; ``steps`` 0 = the model's default."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
     model: str = ""
+    targetKernel: str = ""
+    sourceKernel: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
@@ -212,7 +215,11 @@ class LTDiffPPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.radiomicsButton.connect("clicked(bool)", self.onRadiomicsButton)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.targetKernelComboBox.connect("currentIndexChanged(int)", self.onKernelSelected)
+        self.ui.sourceKernelComboBox.connect("currentIndexChanged(int)", self.onKernelSelected)
+        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateKernelInfo)
         self._populateModels()
+        self._populateKernels()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -254,6 +261,7 @@ class LTDiffPPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
             self._showModel(self._parameterNode.model)
+            self._showKernels()
             self._updateButtons()
 
     # ------------------------------------------------------------------------------------- model choice
@@ -266,6 +274,8 @@ class LTDiffPPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:  # an unreadable registry must not break the panel
             entries, default = [], None
             self.ui.modelInfoLabel.text = str(exc)
+        if entries:
+            combo.addItem(_("Automatic: the model for the kernel pair"), "")
         for entry in entries:
             mark = _(" (default)") if entry["name"] == default else ""
             combo.addItem(f"{entry['name']}{mark}: {entry['source_kernel']} \u2192 {entry['target_kernel']}",
@@ -294,6 +304,43 @@ class LTDiffPPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
         self._showModelInfo(self.ui.modelComboBox.itemData(index) or None)
+        self._updateKernelInfo()
+
+    # ------------------------------------------------------------------------------------ kernel choice
+    def _populateKernels(self) -> None:
+        targets, sources = self.logic.targetKernels(), self.logic.sourceKernels()
+        for combo, auto, names in ((self.ui.targetKernelComboBox, _("Automatic: the model's target kernel"), targets),
+                                   (self.ui.sourceKernelComboBox, _("Automatic: DICOM header, else the image"), sources)):
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            combo.addItem(auto, "")
+            for name in names:
+                combo.addItem(name, name)
+            combo.blockSignals(wasBlocked)
+
+    def _showKernels(self) -> None:
+        p = self._parameterNode
+        for combo, value in ((self.ui.targetKernelComboBox, p.targetKernel), (self.ui.sourceKernelComboBox, p.sourceKernel)):
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = max(combo.findData(value), 0)
+            combo.blockSignals(wasBlocked)
+        self._updateKernelInfo()
+
+    def onKernelSelected(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.targetKernel = self.ui.targetKernelComboBox.currentData or ""
+            self._parameterNode.sourceKernel = self.ui.sourceKernelComboBox.currentData or ""
+        self._updateKernelInfo()
+
+    def _updateKernelInfo(self, *args) -> None:
+        """Show what Apply would do with the selected volume (detected source kernel, target, model)."""
+        p = self._parameterNode
+        if not p or not p.inputVolume:
+            self.ui.kernelInfoLabel.text = ""
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not check the input's kernel."), waitCursor=True):
+            self.ui.kernelInfoLabel.text = self.logic.kernelPreviewText(p.inputVolume, p.targetKernel or None,
+                                                                       p.sourceKernel or None, p.model or None)
 
     def onLoadModelButton(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Load an LTDiffPP model"), "",
@@ -326,7 +373,8 @@ class LTDiffPPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start the standardization."), waitCursor=True):
             task = self.logic.standardize(p.inputVolume, p.outputVolume, model=p.model or None, device=p.device,
-                                          steps=p.steps or None, seed=p.seed, waitForCompletion=False)
+                                          steps=p.steps or None, seed=p.seed, waitForCompletion=False,
+                                          targetKernel=p.targetKernel or None, sourceKernel=p.sourceKernel or None)
             self._startPolling(task, "standardize")
 
     def onApplyAllButton(self) -> None:
@@ -340,7 +388,8 @@ class LTDiffPPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not start the batch."), waitCursor=True):
             task = self.logic.standardizeFolder(self.ui.batchFolderSelector.currentItem(), model=p.model or None,
                                                 device=p.device, steps=p.steps or None, seed=p.seed,
-                                                waitForCompletion=False)
+                                                waitForCompletion=False, targetKernel=p.targetKernel or None,
+                                                sourceKernel=p.sourceKernel or None)
             self._startPolling(task, "batch")
 
     def onRadiomicsButton(self) -> None:
@@ -465,6 +514,29 @@ class LTDiffPPLogic(ScriptedLoadableModuleLogic):
             return "\n".join("\u2022 " + c for c in model_caveats(model or None))
         except Exception as exc:  # an unreadable model file: say so, do not break the panel
             return str(exc)
+
+    @staticmethod
+    def targetKernels() -> list:
+        """Kernels a shipped model converts to (library names), torch-free."""
+        from LTDiffPPLib.guard import registered_pairs
+
+        return sorted({t for _name, _s, t in registered_pairs()})
+
+    @staticmethod
+    def sourceKernels() -> list:
+        """Library kernels with a known frequency response (those a conversion can start from)."""
+        from LTDiffPPLib.kernels import kernel_library
+
+        return [k.name for k in kernel_library().values() if k.has_response]
+
+    @staticmethod
+    def kernelPreviewText(inputVolumeNode, targetKernel=None, sourceKernel=None, model=None) -> str:
+        """One line: the input's source kernel and how it was found (DICOM header from Slicer's DICOM
+        database, given, or estimated from the image), the target and the model — or why Apply would refuse."""
+        from LTDiffPPLib.mrml import kernel_preview
+
+        return kernel_preview(inputVolumeNode, targetKernel, sourceKernel, model,
+                              dicom_database=getattr(slicer, "dicomDatabase", None))
 
     @staticmethod
     def statusText(task) -> str:

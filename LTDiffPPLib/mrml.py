@@ -338,6 +338,38 @@ def node_dicom_kernel(node: Any, dicom_database: Any = None) -> tuple[str, str] 
     return (dicom_database.instanceValue(uids[0], "0008,0070") or "", kernel) if kernel else None
 
 
+def kernel_preview(node: Any, target_kernel: str | None = None, source_kernel: str | None = None, model: Any = None,
+                   force: bool = False, dicom_database: Any = None) -> str:
+    """What Apply would do with ``node``, in one line for the panel, before any work: the source kernel
+    and how it was found (DICOM header via :func:`node_dicom_kernel`, given, or estimated from the image
+    with its confidence), the target kernel and the model — or why the domain guard would refuse.
+    Runs the guard of the worker (:func:`LTDiffPPLib.guard.plan_conversion`) in this process, without torch."""
+    import warnings
+
+    from .guard import DomainError, NothingToConvert, plan_conversion
+    from .runner import dicom_kernel_header
+
+    volume = volume_from_node(node)
+    header = node_dicom_kernel(node, dicom_database)
+    if header is not None:
+        volume.dicom_header = dicom_kernel_header(*header)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = plan_conversion(volume, target_kernel or None, source_kernel or None, model or None, force, warn=False)
+    except NothingToConvert as exc:
+        return f"Nothing to convert: {exc}"
+    except (DomainError, InputError) as exc:
+        return f"Apply would refuse this volume: {exc}"
+    text = (f"{plan.source.kernel.name} \u2192 {plan.target.name}: source kernel {plan.source.describe()}; "
+            f"model {plan.model}")
+    for note in plan.notes:
+        text += f"; {note}"
+    for what in plan.overridden:
+        text += f"; overridden (force): {what}"
+    return text
+
+
 def start_standardize_volume_node(scene: Any, input_node: Any, output_node: Any | None = None, model: Any = None,
                                   *, device: str = "auto", steps: int | None = None, seed: int = 0,
                                   batch_size: int | None = None, target_kernel: str | None = None,

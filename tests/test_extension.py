@@ -423,8 +423,19 @@ entries, default = logic.availableModels()
 print(bool(logic.modelInfoText(default)), bool(logic.modelCaveatsText(default)))
 print(logic.deviceAvailabilityText())
 print(logic.missingDependencies(radiomics=True)["packages"])
+import numpy as np, slicer
+from LTDiffPPLib.io import CTVolume
+from LTDiffPPLib.mrml import update_node_from_volume
+node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+hu = np.full((2, 64, 64), -1000.0, np.float32); hu[:, 8:-8, 8:-8] = 40.0
+update_node_from_volume(node, CTVolume(hu=hu, spacing=(0.7, 0.7, 2.0), origin=(0, 0, 0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)))
+node.SetAttribute("DICOM.Manufacturer", "SIEMENS"); node.SetAttribute("DICOM.ConvolutionKernel", "B30f")
+print(logic.kernelPreviewText(node, "B50f"))
+print(logic.targetKernels(), "B10f" in logic.sourceKernels())
 print("torch" in sys.modules)
 """).splitlines()
+    assert out[-3].startswith("B30f \u2192 B50f: source kernel B30f (DICOM header: SIEMENS B30f); model ltdiffpp-b30f-b50f")
+    assert "B70f" in out[-2] and "B50f" in out[-2] and out[-2].endswith("True")
     assert out[0] == "True True"
     assert out[-1] == "False", "torch was imported in the application's process"
     assert "PyTorch" in out[1] and out[2] == "[]"

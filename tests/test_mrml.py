@@ -506,3 +506,34 @@ def test_sample_data_loads_as_ct_volumes_and_tissue_segments(scene, tmp_path):
     folders = {sh.GetItemParent(sh_item(scene, n)) for n in nodes}
     assert len(folders) == 1 and "ChestPhantom" in sh.GetItemName(folders.pop())
     assert scene.GetFirstNodeByClass("vtkMRMLLabelMapVolumeNode") is None  # the temporary label map is gone
+
+
+# ------------------------------------------------------------------------------------- kernel preview
+def test_kernel_preview_says_what_apply_would_do(scene, tiny_model_path):
+    """The panel's line before Apply: the source kernel and how it was found, or why it would be refused
+    (the worker's own domain guard, run in the application's process)."""
+    from LTDiffPPLib.mrml import kernel_preview, node_dicom_kernel
+
+    hu = np.full((2, 64, 64), -1000.0, np.float32)
+    hu[:, 8:-8, 8:-8] = np.random.default_rng(0).normal(40, 20, (2, 48, 48))
+    node = _volume_node(scene, CTVolume(hu=hu, spacing=(0.7, 0.7, 2.0), origin=(0.0, 0.0, 0.0),
+                                        direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0)), "CT")
+    assert node_dicom_kernel(node) is None
+    assert kernel_preview(node).startswith("Apply would refuse this volume: CT: source kernel unknown")
+    assert kernel_preview(node, source_kernel="B30f").startswith("B30f \u2192 B70f: source kernel B30f (given); "
+                                                                 "model ltdiffpp-b30f-b70f")
+
+    class Database:  # Slicer's DICOM database, as the module's logic passes it (the only stand-in here)
+        def instanceValue(self, uid, tag):
+            return {"0008,0070": "SIEMENS", "0018,1210": "B50f"}[tag] if uid == "1.2.3" else ""
+
+    node.SetAttribute("DICOM.instanceUIDs", "1.2.3 1.2.4")
+    assert node_dicom_kernel(node, Database()) == ("SIEMENS", "B50f")
+    assert kernel_preview(node, "B50f", dicom_database=Database()).startswith("Nothing to convert: CT is already B50f")
+    assert "no shipped model converts B50f -> B70f" in kernel_preview(node, dicom_database=Database())
+    node.SetAttribute("DICOM.Manufacturer", "Philips")
+    node.SetAttribute("DICOM.ConvolutionKernel", "C")  # node attributes come first
+    assert "Philips-C (DICOM header: Philips C) has no known frequency response" in kernel_preview(node)
+    big = _volume_node(scene, CTVolume(hu=np.repeat(hu, 1, axis=0), spacing=(1.6, 1.6, 2.0), origin=(0.0, 0.0, 0.0),
+                                       direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0)), "coarse")
+    assert "resampled to 1 mm" in kernel_preview(big, source_kernel="B30f", model=str(tiny_model_path))
