@@ -364,33 +364,28 @@ class LTDiffPPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.radiomicsButton.enabled = (self._taskKind == "radiomics") or (not running and ready)
 
     def onApplyButton(self) -> None:
-        if self._taskKind == "standardize":
-            self._cancelTask()
-            return
-        p = self._parameterNode
-        if not self.logic.checkDependencies():
-            self.ui.statusLabel.text = _("Missing dependencies; see the message.")
-            return
-        with slicer.util.tryWithErrorDisplay(_("Could not start the standardization."), waitCursor=True):
-            task = self.logic.standardize(p.inputVolume, p.outputVolume, model=p.model or None, device=p.device,
-                                          steps=p.steps or None, seed=p.seed, waitForCompletion=False,
-                                          targetKernel=p.targetKernel or None, sourceKernel=p.sourceKernel or None)
-            self._startPolling(task, "standardize")
+        self._startOrCancel("standardize", _("Could not start the standardization."), lambda p, options: (
+            self.logic.standardize(p.inputVolume, p.outputVolume, **options)))
 
     def onApplyAllButton(self) -> None:
-        if self._taskKind == "batch":
+        self._startOrCancel("batch", _("Could not start the batch."), lambda p, options: (
+            self.logic.standardizeFolder(self.ui.batchFolderSelector.currentItem(), **options)))
+
+    def _startOrCancel(self, kind: str, errorTitle: str, start) -> None:
+        """Cancel the running ``kind`` task, or start one with the panel's settings: ``start(parameterNode,
+        options)`` returns the task (the logic call with the model, device, steps, seed and kernels)."""
+        if self._taskKind == kind:
             self._cancelTask()
             return
-        p = self._parameterNode
         if not self.logic.checkDependencies():
             self.ui.statusLabel.text = _("Missing dependencies; see the message.")
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not start the batch."), waitCursor=True):
-            task = self.logic.standardizeFolder(self.ui.batchFolderSelector.currentItem(), model=p.model or None,
-                                                device=p.device, steps=p.steps or None, seed=p.seed,
-                                                waitForCompletion=False, targetKernel=p.targetKernel or None,
-                                                sourceKernel=p.sourceKernel or None)
-            self._startPolling(task, "batch")
+        p = self._parameterNode
+        options = dict(model=p.model or None, device=p.device, steps=p.steps or None, seed=p.seed,
+                       waitForCompletion=False, targetKernel=p.targetKernel or None,
+                       sourceKernel=p.sourceKernel or None)
+        with slicer.util.tryWithErrorDisplay(errorTitle, waitCursor=True):
+            self._startPolling(start(p, options), kind)
 
     def onRadiomicsButton(self) -> None:
         if self._taskKind == "radiomics":
