@@ -190,7 +190,8 @@ def _standardize(a: argparse.Namespace) -> int:
                          batch_size=a.batch_size, ensemble=a.ensemble, progress=progress, precision=a.precision)
     finally:
         bar.close()
-    description = _series_description(meta, solver, steps, a.seed)
+    description = _series_description(meta["source_kernel"], meta["target_kernel"], meta.get("name", model.path.stem),
+                                      solver, steps, a.seed)
     provenance = {"software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
                   "model": str(meta.get("name", model.path.stem)), "model_sha256": model.sha256,
                   "sampling": f"{solver} {steps} steps, seed {a.seed}, ensemble {a.ensemble}, precision {a.precision}"}
@@ -202,11 +203,10 @@ def _standardize(a: argparse.Namespace) -> int:
     return 0
 
 
-def _series_description(meta: dict, solver: str, steps: int, seed: int) -> str:
+def _series_description(source_kernel: str, target_kernel: str, name: str, solver: str, steps: int, seed: int) -> str:
     """The output series' description, within DICOM's 64 characters (the model's name and the sampling
     are also in DerivationDescription and the provenance): dropped piece by piece while it does not fit."""
-    kernels = f"LTDiffPP {meta['source_kernel']}->{meta['target_kernel']}"
-    name = meta.get("name", "")
+    kernels = f"LTDiffPP {source_kernel}->{target_kernel}"
     for text in (f"{kernels} ({name}, {solver} {steps} steps, seed {seed})", f"{kernels} {name} {solver} {steps} steps",
                  f"{kernels} {solver} {steps} steps seed {seed}", f"{kernels} {solver} {steps} steps", kernels):
         if len(text) <= 64:
