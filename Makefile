@@ -9,7 +9,19 @@ BIN    := $(VENV)/bin
 TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test bench clean-venv dicom3tools
+# Python 3.12 is the interpreter of current 3D Slicer (5.12 and the Preview). `make test` also runs the
+# tests of everything that runs in Slicer's own process (tests/test_extension.py, test_runner.py,
+# test_mrml.py, test_io.py) in a second venv under Python 3.12 WITHOUT torch: as in a fresh Slicer, whose
+# process must never import it (the tests that run a model skip there, saying so). torch is left out
+# also because no CPU build of it for 3.12 is reachable here: PyPI's Linux wheel is the CUDA build
+# (527 MB plus several GB of NVIDIA libraries). PYTHON312= (empty) skips this part.
+PYTHON312 ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
+                 /usr/local/bin/python3.12 /usr/bin/python3.12,$(shell $(p) -c 'import sys; \
+                 print("$(p)" if sys.version_info[:2] == (3, 12) else "")' 2>/dev/null)))
+VENV312   := .venv-py312
+GUI_TESTS := tests/test_extension.py tests/test_runner.py tests/test_mrml.py tests/test_io.py
+
+.PHONY: demo test test-py312 bench clean-venv dicom3tools
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 10) <= v <= (3, 12) else "Python 3.10-3.12 is required, found %d.%d (set PYTHON=python3.11)" % v)'
@@ -33,9 +45,29 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-py312
+
+$(VENV312)/.installed: pyproject.toml
+	$(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV312)/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	    print("\n".join(d for d in p["dependencies"] + p["optional-dependencies"]["test"] if not d.startswith("torch")))' \
+	    > $(VENV312)/requirements-without-torch.txt
+	$(VENV312)/bin/python -m pip install --quiet -r $(VENV312)/requirements-without-torch.txt
+	$(VENV312)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+test-py312:
+ifeq ($(strip $(PYTHON312)),)
+	@echo "make test: no Python 3.12 found (set PYTHON312=...): the Python 3.12 run of $(GUI_TESTS) was NOT done"
+else
+	@$(MAKE) --no-print-directory $(VENV312)/.installed
+	@echo "Python 3.12, without torch (Slicer's own process): $(GUI_TESTS)"
+	$(VENV312)/bin/python -m pytest -q $(GUI_TESTS)
+endif
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_standardize.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV312)

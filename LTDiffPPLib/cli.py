@@ -1,11 +1,12 @@
 """The ``ltdiffpp`` command line: headless and batch kernel standardization.
 
-    ltdiffpp standardize INPUT OUTPUT [--model PATH_OR_NAME] [--device auto|cpu|cuda|mps] [--steps N] ...
+    ltdiffpp standardize INPUT OUTPUT [--target-kernel NAME] [--source-kernel NAME] [--force] [--model PATH_OR_NAME] [--device auto|cpu|cuda|mps] [--steps N] ...
     ltdiffpp simulate INPUT OUTDIR [--kernels B30f,B70f] [--dose N] [--thickness MM] [--seed S]
     ltdiffpp build-dataset OUTDIR [--simulate PATH ...] [--phantoms N] [--dicom-pair DIR ...] [--file-pair S=T ...]
     ltdiffpp evaluate --reference REF --candidate NAME=PATH [...] [--source SRC] [--mask LABELMAP] --out DIR
     ltdiffpp info MODEL
     ltdiffpp models
+    ltdiffpp kernels [--json]
     ltdiffpp demo [--out DIR]
 
 Errors the user can fix (bad input, bad model file, existing output, an option out of range) print one
@@ -87,10 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ltdiffpp {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("standardize", help="convert a CT from the model's source kernel to its target kernel")
+    s = sub.add_parser("standardize", help="convert a CT from its reconstruction kernel to another one")
     s.add_argument("input", help="DICOM series folder, or an image file (.nrrd .nii .nii.gz .mha .mhd)")
     s.add_argument("output", help="image file (format by extension), or a folder to write a DICOM series into")
-    s.add_argument("--model", help="model file or registered model name (default: the registry's default)")
+    s.add_argument("--target-kernel", metavar="NAME", help="kernel to convert to, a library name such as B70f "
+                   "(`ltdiffpp kernels`; default: the model's target kernel)")
+    s.add_argument("--source-kernel", metavar="NAME", help="the input's kernel when its DICOM header does not "
+                   "name it (image files) or names it wrongly (then with --force)")
+    s.add_argument("--force", action="store_true", help="convert despite the domain guard's objections (unknown "
+                   "source kernel, non-HU values, small or oblique images); the output records what was overridden")
+    s.add_argument("--model", help="model file or registered model name (default: the registered model for the "
+                   "kernel pair)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     s.add_argument("--steps", type=_int_in(limits.STEPS), help="sampling steps, 1-1000 (default: the model's)")
     s.add_argument("--solver", choices=["ddim", "dpmpp2m"], help="ODE solver (default: the model's)")
@@ -149,6 +157,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
 
+    kl = sub.add_parser("kernels", help="list the kernel library (vendors, calibration, MTF, DICOM spellings)")
+    kl.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    kl.set_defaults(func=_cmd_kernels)
+
     m = sub.add_parser("models", help="list the models shipped in the registry")
     m.set_defaults(func=_cmd_models)
 
@@ -171,42 +183,82 @@ def _cmd_standardize(a: argparse.Namespace) -> int:
 def _standardize(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .inference import standardize
+    from .guard import plan_conversion
+    from .inference import standardize_volume
 
-    model = load_model(a.model if a.model else None)
     volume = read_volume(a.input, series_uid=a.series_uid)
+    plan = plan_conversion(volume, a.target_kernel, a.source_kernel, a.model, a.force)
+    model = load_model(plan.model)
     meta = model.metadata
     steps = meta["sampling"]["steps"] if a.steps is None else a.steps
     solver = a.solver or meta["sampling"]["solver"]
+    if not a.quiet:
+        print(f"{plan.source.kernel.name} -> {plan.target.name}: source kernel from {plan.source.describe()}; "
+              f"model {meta.get('name', model.path.stem)}", file=sys.stderr)
     n = volume.hu.shape[0]
     bar = tqdm(total=n, unit="slice", desc="standardize", disable=a.quiet, bar_format="{l_bar}{bar}| {n:.1f}/{total} slices [{elapsed}<{remaining}]")
 
     def progress(done: float, total: int) -> None:
-        bar.update(done - bar.n)
+        bar.update(done * n / total - bar.n)
 
     t0 = time.perf_counter()
     try:
-        hu = standardize(volume.hu, volume.spacing, model, device=a.device, steps=steps, solver=solver, seed=a.seed,
-                         batch_size=a.batch_size, ensemble=a.ensemble, progress=progress, precision=a.precision)
+        converted, plan = standardize_volume(volume, model=model, plan=plan, steps=steps, solver=solver, seed=a.seed,
+                                             batch_size=a.batch_size, ensemble=a.ensemble, progress=progress,
+                                             precision=a.precision)
     finally:
         bar.close()
-    description = _series_description(meta["source_kernel"], meta["target_kernel"], meta.get("name", model.path.stem),
-                                      solver, steps, a.seed)
+    description = _series_description(f"LTDiffPP {plan.source.kernel.name}->{plan.target.name}",
+                                      meta.get("name", model.path.stem), solver, steps, a.seed)
     provenance = {"software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
                   "model": str(meta.get("name", model.path.stem)), "model_sha256": model.sha256,
-                  "sampling": f"{solver} {steps} steps, seed {a.seed}, ensemble {a.ensemble}, precision {a.precision}"}
-    out = write_volume(volume.with_hu(hu), a.output, overwrite=a.overwrite, series_description=description,
-                       convolution_kernel=meta["target_kernel"], provenance=provenance)
+                  "sampling": f"{solver} {steps} steps, seed {a.seed}, ensemble {a.ensemble}, precision {a.precision}",
+                  **plan.provenance()}
+    out = write_volume(converted, a.output, overwrite=a.overwrite, series_description=description,
+                       convolution_kernel=plan.target.name, provenance=provenance)
     if not a.quiet:
         dt = time.perf_counter() - t0
         print(f"wrote {out} ({n} slices, {dt:.1f} s, {dt / n:.2f} s/slice; model sha256 {model.sha256})")
     return 0
 
 
-def _series_description(source_kernel: str, target_kernel: str, name: str, solver: str, steps: int, seed: int) -> str:
+def _cmd_kernels(a: argparse.Namespace) -> int:
+    from .kernels import kernel_library
+
+    rows = []
+    for k in kernel_library().values():
+        m50, m10 = k.mtf_points() if k.has_response else (None, None)
+        rows.append({"name": k.name, "vendor": k.vendor, "calibration": k.calibration, "description": k.description,
+                     "dicom": list(k.dicom), "equivalent_to": k.equivalent_to or None,
+                     "mtf50_per_mm": m50, "mtf10_per_mm": m10,
+                     "published_mtf_lp_cm": [list(m) for m in k.published_mtf], "source": k.source,
+                     "caveat": k.caveat or None})
+    if a.json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return 0
+    fmt = "{:13s} {:8s} {:24s} {:>7s} {:>7s}  {}"
+    print(fmt.format("kernel", "vendor", "calibration", "MTF50", "MTF10", "description (MTF in mm^-1, simulated system)"))
+    for r in rows:
+        cell = ["-" if v is None else f"{v:.2f}" for v in (r["mtf50_per_mm"], r["mtf10_per_mm"])]
+        if r["calibration"] != "none" and r["mtf10_per_mm"] is None:
+            cell[1] = "> 1"
+        print(fmt.format(r["name"], r["vendor"], r["calibration"], *cell,
+                         r["description"] + (" [doubtful, see --json]" if r["caveat"] else "")))
+    print("\nConvertible pairs (shipped models): " + ", ".join(f"{s}->{t}" for _, s, t in _pairs()))
+    print("calibration 'none': identified from DICOM headers only, no known response; `--json` gives DICOM "
+          "spellings and sources")
+    return 0
+
+
+def _pairs() -> list[tuple[str, str, str]]:
+    from .guard import registered_pairs
+
+    return registered_pairs()
+
+
+def _series_description(kernels: str, name: str, solver: str, steps: int, seed: int) -> str:
     """The output series' description, within DICOM's 64 characters (the model's name and the sampling
     are also in DerivationDescription and the provenance): dropped piece by piece while it does not fit."""
-    kernels = f"LTDiffPP {source_kernel}->{target_kernel}"
     for text in (f"{kernels} ({name}, {solver} {steps} steps, seed {seed})", f"{kernels} {name} {solver} {steps} steps",
                  f"{kernels} {solver} {steps} steps seed {seed}", f"{kernels} {solver} {steps} steps", kernels):
         if len(text) <= 64:
@@ -217,7 +269,8 @@ def _series_description(source_kernel: str, target_kernel: str, name: str, solve
 def _cmd_simulate(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .simulation import ScanProtocol, get_kernel, simulate
+    from .kernels import get_kernel
+    from .simulation import ScanProtocol, simulate
 
     kernels = [get_kernel(k.strip()).name for k in a.kernels.split(",") if k.strip()]
     protocol = ScanProtocol(dose=a.dose, views=a.views)

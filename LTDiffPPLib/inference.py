@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ from . import limits
 from .errors import Cancelled, InputError
 from .modelfile import LoadedModel, load_model
 from .sampler import SOLVERS, initial_noise
+
+if TYPE_CHECKING:
+    from .guard import ConversionPlan
+    from .io import CTVolume
 
 ProgressCallback = Callable[[float, int], None]
 """progress(done, total): ``done`` slices (fractional within a batch) out of ``total``."""
@@ -255,3 +259,75 @@ def _warn_spacing(spacing: tuple[float, ...] | None, meta: dict[str, Any]) -> No
             "kernel texture scales with pixel size, so results may be off",
             stacklevel=3,
         )
+
+
+def standardize_volume(
+    volume: CTVolume,
+    target_kernel: str | None = None,
+    *,
+    source_kernel: str | None = None,
+    model: LoadedModel | str | os.PathLike | None = None,
+    force: bool = False,
+    plan: ConversionPlan | None = None,
+    **options: Any,
+) -> tuple[CTVolume, ConversionPlan]:
+    """Convert a CT volume to ``target_kernel``, checked and adapted by the domain guard: the entry point
+    for whole volumes (the CLI, the Slicer worker and batch jobs use it).
+
+    :func:`LTDiffPPLib.guard.plan_conversion` identifies the source kernel (DICOM header, else
+    ``source_kernel``), picks the model for the pair (or checks ``model``), and refuses what the model does
+    not know unless ``force``; non-axial stacks are reformatted to axial and back, in-plane pixels outside
+    the model's trained range are resampled (cubic B-spline) to it and back. ``options`` go to
+    :func:`standardize` (device, steps, solver, seed, batch_size, ensemble, progress, cancel, precision,
+    timings). ``plan``: one made already for this volume (then the other guard arguments are not used).
+    Returns the converted volume (the input's geometry, float32 HU) and the plan.
+    """
+    from .guard import plan_conversion
+
+    if plan is None:
+        model_ref = model.path if isinstance(model, LoadedModel) else model
+        plan = plan_conversion(volume, target_kernel, source_kernel, model_ref, force)
+    loaded = model if isinstance(model, LoadedModel) else load_model(plan.model)
+    hu = volume.hu
+    spacing_zyx = (volume.spacing[2], volume.spacing[1], volume.spacing[0])
+    if plan.axes is not None:
+        hu = np.ascontiguousarray(hu.transpose(plan.axes))
+        spacing_zyx = tuple(spacing_zyx[a] for a in plan.axes)
+    inplane = (spacing_zyx[1], spacing_zyx[2])
+    if plan.pixel_mm is not None:
+        hu = _resample_slices(hu, inplane, plan.pixel_mm)
+        inplane = plan.pixel_mm
+    out = standardize(hu, (inplane[1], inplane[0], spacing_zyx[0]), loaded, **options)
+    if plan.pixel_mm is not None:
+        out = _resample_slices(out, plan.pixel_mm, (spacing_zyx[1], spacing_zyx[2]), shape=hu_shape_yx(volume, plan))
+    if plan.axes is not None:
+        out = np.ascontiguousarray(out.transpose(np.argsort(plan.axes)))
+    return volume.with_hu(out), plan
+
+
+def hu_shape_yx(volume: CTVolume, plan: ConversionPlan) -> tuple[int, int]:
+    """(y, x) size of the input's slices in the plan's (axial) orientation."""
+    shape = volume.hu.shape if plan.axes is None else tuple(volume.hu.shape[a] for a in plan.axes)
+    return shape[1], shape[2]
+
+
+def _resample_slices(hu: np.ndarray, from_mm: tuple[float, float], to_mm: tuple[float, float],
+                     shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Resample every (y, x) slice of a (z, y, x) array from ``from_mm`` to ``to_mm`` (dy, dx) pixels with a
+    cubic B-spline, keeping the field of view's centre; ``shape``: the (y, x) size wanted (default: the
+    same field of view). Outside the old field of view: −1024 HU."""
+    import SimpleITK as sitk
+
+    nz, ny, nx = hu.shape
+    (fy, fx), (ty, tx) = from_mm, to_mm
+    oy, ox = shape if shape is not None else (max(1, round(ny * fy / ty)), max(1, round(nx * fx / tx)))
+    ref = sitk.Image(int(ox), int(oy), sitk.sitkFloat32)
+    ref.SetSpacing((tx, ty))
+    ref.SetOrigin(((nx - 1) * fx / 2 - (ox - 1) * tx / 2, (ny - 1) * fy / 2 - (oy - 1) * ty / 2))
+    out = np.empty((nz, oy, ox), dtype=np.float32)
+    for k in range(nz):  # slice by slice: a 3-D B-spline would also blur across slices (and needs >= 4 of them)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(hu[k], dtype=np.float32))
+        image.SetSpacing((fx, fy))
+        out[k] = sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkBSpline, -1024.0,
+                                                      sitk.sitkFloat32))
+    return out

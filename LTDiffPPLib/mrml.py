@@ -8,11 +8,14 @@ explicitly (no ``slicer.mrmlScene``). Slicer stores geometry in RAS, the library
 in LPS: the two differ by a sign flip of x and y.
 
 Nothing is created or changed in the scene until a run has succeeded: a failed or cancelled
-standardization or radiomics run leaves no half-filled node behind.
+standardization or radiomics run leaves no half-filled node behind. A batch (:func:`start_batch_standardize`)
+converts the CT volumes of a subject-hierarchy folder one after another through the same worker; each
+output is added when its own run has succeeded.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +146,19 @@ def _describe_output(meta: Mapping[str, Any], sha256: str, solver: str, steps: i
             f"(sha256 {sha256[:12]}); {solver} {steps} steps; seed {seed}")
 
 
+def resolve_output_node(input_node: Any, output_node: Any | None) -> Any | None:
+    """The output rule: a new node for every input unless the user chose one. ``output_node`` is kept
+    when it is not an LTDiffPP result, or is the result of this same input (a re-run overwrites it); the
+    result of ANOTHER input is never overwritten (the selector still showing the last result must not
+    make the next Apply on another volume replace it): None is returned, i.e. a new node."""
+    if output_node is None:
+        return None
+    source = output_node.GetAttribute("LTDiffPP.source_volume")
+    if source and source != input_node.GetID():
+        return None
+    return output_node
+
+
 def _check_output_node(input_node: Any, output_node: Any | None) -> None:
     if output_node is None:
         return
@@ -245,6 +261,11 @@ class NodeTask:
     def message(self) -> str:
         return self.job.message
 
+    @property
+    def warnings(self) -> list[str]:
+        """Every warning the worker raised (also in the application log)."""
+        return self.job.warnings
+
     def start(self) -> NodeTask:
         self.job.start()
         return self
@@ -301,24 +322,301 @@ class VolumeStandardization(NodeTask):
         return self.output_node
 
 
+def node_dicom_kernel(node: Any, dicom_database: Any = None) -> tuple[str, str] | None:
+    """(Manufacturer, ConvolutionKernel) of the DICOM series a volume node was loaded from, or None.
+
+    From the node's attributes ``DICOM.Manufacturer`` / ``DICOM.ConvolutionKernel`` when present, else
+    from ``dicom_database`` (Slicer: ``slicer.dicomDatabase``) for the first of the node's
+    ``DICOM.instanceUIDs`` (tags 0008,0070 and 0018,1210; multi-valued kernels keep their '\\')."""
+    kernel = node.GetAttribute("DICOM.ConvolutionKernel")
+    if kernel:
+        return node.GetAttribute("DICOM.Manufacturer") or "", kernel
+    uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids or dicom_database is None:
+        return None
+    kernel = dicom_database.instanceValue(uids[0], "0018,1210")
+    return (dicom_database.instanceValue(uids[0], "0008,0070") or "", kernel) if kernel else None
+
+
 def start_standardize_volume_node(scene: Any, input_node: Any, output_node: Any | None = None, model: Any = None,
                                   *, device: str = "auto", steps: int | None = None, seed: int = 0,
-                                  batch_size: int | None = None, python: str | None = None,
-                                  start: bool = True) -> VolumeStandardization:
+                                  batch_size: int | None = None, target_kernel: str | None = None,
+                                  source_kernel: str | None = None, force: bool = False, dicom_database: Any = None,
+                                  python: str | None = None,
+                                  workdir: str | os.PathLike | None = None, start: bool = True) -> VolumeStandardization:
     """Standardize ``input_node`` in a worker process (the GUI stays responsive); returns the running task.
 
     ``task.wait()`` (scripts) or ``task.poll()`` + ``task.finish()`` (GUI timer) gives the output node:
-    ``output_node`` filled, or a new node beside the input. See :func:`standardize_volume_node`.
+    ``output_node`` filled (see :func:`resolve_output_node`: another input's result is never
+    overwritten), or a new node beside the input. ``task.warnings`` lists what the worker warned about.
+    ``workdir``: an empty folder for the temporary files, taken over and deleted at the end (Slicer:
+    ``slicer.util.tempDirectory()``); default: the system temp. See :func:`standardize_volume_node`.
+    ``target_kernel``, ``source_kernel``, ``force``: as for ``ltdiffpp standardize``; the worker's domain
+    guard reads the source kernel from the node's DICOM header (:func:`node_dicom_kernel`), else from
+    ``source_kernel``, else estimates it from the image, and refuses what the model does not know.
     """
     from .runner import StandardizeJob
 
+    output_node = resolve_output_node(input_node, output_node)
     _check_output_node(input_node, output_node)
     if steps is not None and int(steps) < 1:
         raise InputError(f"sampling steps must be >= 1 (or None for the model's default), got {steps}")
     volume = volume_from_node(input_node)
-    job = StandardizeJob(volume, model, device=device, steps=steps, seed=seed, batch_size=batch_size, python=python)
+    job = StandardizeJob(volume, model, device=device, steps=steps, seed=seed, batch_size=batch_size, python=python,
+                         target_kernel=target_kernel, source_kernel=source_kernel, force=force,
+                         dicom_kernel=node_dicom_kernel(input_node, dicom_database), workdir=workdir)
     task = VolumeStandardization(scene, input_node, output_node, job)
     return task.start() if start else task
+
+
+def status_text(task: Any) -> str:
+    """The panel's status line for a task (single or batch): its message, then one line per warning."""
+    lines = [task.message] if task.message else []
+    lines += [f"Warning: {w}" for w in task.warnings]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- batch
+#: subject-hierarchy attribute the DICOM import puts on a series item (Slicer's DICOM.Modality)
+_MODALITY_ATTRIBUTE = "DICOM.Modality"
+
+
+def ct_volumes_in_folder(scene: Any, folder_item: int) -> list[Any]:
+    """The CT volumes below a subject-hierarchy item (folder, patient or study; all levels; a volume's
+    own item gives that volume), in hierarchy order: scalar volumes that are not label maps, not LTDiffPP results, and not of another
+    DICOM modality (MR, PT, ...)."""
+    import vtk
+
+    sh = subject_hierarchy(scene)
+    if not folder_item or folder_item == sh.GetInvalidItemID():
+        raise InputError("choose a folder (or patient, or study) that holds CT volumes")
+    children = vtk.vtkIdList()
+    sh.GetItemChildren(folder_item, children, True)
+    items = [folder_item] + [children.GetId(i) for i in range(children.GetNumberOfIds())]  # a volume item: itself
+    nodes = []
+    for item in items:
+        node = sh.GetItemDataNode(item)
+        if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+            continue
+        if node.GetAttribute("LTDiffPP.source_volume"):
+            continue
+        modality = sh.GetItemAttribute(item, _MODALITY_ATTRIBUTE)
+        if modality and modality.upper() != "CT":
+            continue
+        nodes.append(node)
+    return nodes
+
+
+class BatchStandardization:
+    """Standardization of several volume nodes one after another, each through its own worker run (the
+    same worker program, one at a time). The same polling interface as a single task: ``poll()``,
+    ``state``, ``progress`` (over the whole batch), ``message``, ``warnings``, ``cancel()``,
+    ``finish()`` (→ the output nodes made), ``wait()``.
+
+    Each output node is added as soon as its own run has succeeded. A volume that fails is skipped and
+    reported in ``failures`` (name → message), one that already has the target kernel in ``skipped``;
+    Cancel stops the running conversion (nothing of it is
+    written) and the rest of the batch; what was already converted stays.
+    """
+
+    def __init__(self, scene: Any, input_nodes: Sequence[Any], model: Any = None, *, device: str = "auto",
+                 steps: int | None = None, seed: int = 0, batch_size: int | None = None, python: str | None = None,
+                 target_kernel: str | None = None, source_kernel: str | None = None, force: bool = False,
+                 dicom_database: Any = None, workdir_factory: Callable[[], str | os.PathLike] | None = None):
+        if not input_nodes:
+            raise InputError("no CT volumes to standardize")
+        if steps is not None and int(steps) < 1:
+            raise InputError(f"sampling steps must be >= 1 (or None for the model's default), got {steps}")
+        self.scene, self.inputs = scene, list(input_nodes)
+        self._options = {"device": device, "steps": steps, "seed": seed, "batch_size": batch_size, "python": python,
+                         "target_kernel": target_kernel, "source_kernel": source_kernel, "force": force,
+                         "dicom_database": dicom_database}
+        self.model = model
+        self._workdir_factory = workdir_factory
+        self.outputs: list[Any] = []
+        self.failures: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self.warnings: list[str] = []
+        self.state = "not started"
+        self.index = 0
+        self._task: VolumeStandardization | None = None
+        self._message = ""
+
+    @property
+    def progress(self) -> float:
+        n = len(self.inputs)
+        if self.state == "done":
+            return 1.0
+        current = self._task.progress if self._task is not None else 0.0
+        return min(1.0, (self.index + current) / n)
+
+    @property
+    def message(self) -> str:
+        if self._task is not None and self.state == "running":
+            name = self.inputs[self.index].GetName()
+            return f"Volume {self.index + 1} of {len(self.inputs)} ({name}): {self._task.message}"
+        return self._message
+
+    def start(self) -> BatchStandardization:
+        self.state = "running"
+        self._start_next()
+        return self
+
+    def _start_next(self) -> None:
+        while self.index < len(self.inputs):
+            node = self.inputs[self.index]
+            try:
+                workdir = self._workdir_factory() if self._workdir_factory is not None else None
+                self._task = start_standardize_volume_node(self.scene, node, None, self.model, workdir=workdir,
+                                                           **self._options)
+                return
+            except Exception as exc:  # noqa: BLE001 - a bad volume must not stop the batch
+                self.failures[node.GetName()] = str(exc)
+                self.index += 1
+        self._task = None
+        self.state = "done"
+        made = len(self.outputs)
+        self._message = f"Batch done: {made} of {len(self.inputs)} volumes standardized"
+        if self.skipped:
+            self._message += f"; {len(self.skipped)} already had the target kernel"
+        if self.failures:
+            self._message += "; failed: " + "; ".join(f"{k}: {v}" for k, v in self.failures.items())
+
+    def poll(self) -> str:
+        if self.state != "running" or self._task is None:
+            return self.state
+        state = self._task.poll()
+        if state == "running":
+            return self.state
+        node = self.inputs[self.index]
+        try:
+            self.outputs.append(self._task.finish())
+        except Exception as exc:  # noqa: BLE001 - reported, the batch goes on
+            if getattr(exc, "kind", "") == "NothingToConvert":  # already the target kernel
+                self.skipped[node.GetName()] = str(exc)
+            else:
+                self.failures[node.GetName()] = str(exc)
+        name = node.GetName()
+        self.warnings += [w if w.startswith(f"{name}: ") else f"{name}: {w}" for w in self._task.warnings]
+        self.index += 1
+        self._start_next()
+        return self.state
+
+    def cancel(self) -> None:
+        if self.state != "running":
+            self.state = "cancelled" if self.state == "not started" else self.state
+            return
+        if self._task is not None:
+            self._task.cancel()
+            self._task.job.cleanup()
+        self._task = None
+        self.state = "cancelled"
+        self._message = (f"Batch cancelled after {len(self.outputs)} of {len(self.inputs)} volumes; "
+                         "the running conversion wrote nothing")
+
+    def finish(self) -> list[Any]:
+        """The output nodes made (also after a cancel: those finished before it)."""
+        return list(self.outputs)
+
+    def wait(self, timeout: float | None = None, progress: Callable[[float, str], None] | None = None,
+             interval: float = 0.05) -> list[Any]:
+        import time
+
+        if self.state == "not started":
+            self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() == "running":
+            if progress is not None:
+                progress(self.progress, self.message)
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                break
+            time.sleep(interval)
+        if progress is not None:
+            progress(self.progress, self.message)
+        return self.finish()
+
+
+def start_batch_standardize(scene: Any, folder_item: int, model: Any = None, *, start: bool = True,
+                            **options: Any) -> BatchStandardization:
+    """Standardize every CT volume of a subject-hierarchy folder (see :func:`ct_volumes_in_folder`), one
+    after another, each into a new node beside its input. ``options``: those of
+    :func:`start_standardize_volume_node` (``device``, ``steps``, ``seed``, ...) and ``workdir_factory``."""
+    nodes = ct_volumes_in_folder(scene, folder_item)
+    if not nodes:
+        raise InputError("the chosen folder holds no CT volume (label maps and LTDiffPP results are skipped)")
+    batch = BatchStandardization(scene, nodes, model, **options)
+    return batch.start() if start else batch
+
+
+# ------------------------------------------------------------------------------------- sample data
+def add_volume_from_file(scene: Any, path: str | os.PathLike, name: str, *, labelmap: bool = False) -> Any:
+    """Read an image file into a new (label map) volume node named ``name``, through Slicer's own reader
+    (a volume archetype storage node); the storage node is removed again (the node is not tied to a
+    file in the cache)."""
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
+                                   scene.GenerateUniqueName(name))
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        if not storage.ReadData(node):
+            scene.RemoveNode(node)
+            raise InputError(f"{path}: could not be read as a volume")
+    finally:
+        scene.RemoveNode(storage)
+    return node
+
+
+def load_sample_files(scene: Any, files: Mapping[str, str | os.PathLike]) -> list[Any]:
+    """Load the sample made by :mod:`LTDiffPPLib.sampledata` into the scene: one CT volume node per
+    kernel (described) and a segmentation of the tissues (one named segment per tissue), all in a
+    subject-hierarchy folder. Returns the nodes, CT volumes first."""
+    import slicer
+
+    from .sampledata import NODE_STEM, sample_files, tissue_names
+
+    entries = {e.node_name: e for e in sample_files()}
+    sh = subject_hierarchy(scene)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), scene.GenerateUniqueName(f"{NODE_STEM} (LTDiffPP sample)"))
+    nodes = []
+    for name, path in files.items():
+        entry = entries.get(name)
+        if entry is None or entry.is_labelmap:
+            continue
+        node = add_volume_from_file(scene, path, name)
+        node.SetDescription(entry.description)
+        node.SetAttribute("LTDiffPP.kernel", entry.kernel)
+        sh.SetItemParent(sh_item(scene, node), folder)
+        nodes.append(node)
+    for name, path in files.items():
+        entry = entries.get(name)
+        if entry is None or not entry.is_labelmap:
+            continue
+        labels = add_volume_from_file(scene, path, f"{name}_labels", labelmap=True)
+        try:
+            segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labels, segmentation):
+                raise InputError(f"{path}: the tissue label map could not be converted to segments")
+        finally:
+            display = labels.GetDisplayNode()
+            scene.RemoveNode(labels)
+            if display is not None:
+                scene.RemoveNode(display)
+        _name_segments(segmentation, tissue_names())
+        segmentation.SetDescription(entry.description)
+        sh.SetItemParent(sh_item(scene, segmentation), folder)
+        nodes.append(segmentation)
+    return nodes
+
+
+def _name_segments(segmentation_node: Any, names: Mapping[int, str]) -> None:
+    """Name the segments imported from a label map after their label values."""
+    seg = segmentation_node.GetSegmentation()
+    for i in range(seg.GetNumberOfSegments()):
+        segment = seg.GetNthSegment(i)
+        value = segment.GetLabelValue() if hasattr(segment, "GetLabelValue") else None
+        if value in names:
+            segment.SetName(names[value])
 
 
 # ---------------------------------------------------------------------------------------- segments
@@ -573,14 +871,15 @@ class RadiomicsCCC(NodeTask):
 def start_radiomics_ccc(scene: Any, segmentation_node: Any, volume_nodes: Sequence[Any], reference_node: Any, *,
                         params: str | None = None, image_types: Mapping[str, Mapping[str, Any]] | None = None,
                         mode: str | None = None, workers: int | None = None, python: str | None = None,
-                        start: bool = True) -> RadiomicsCCC:
+                        workdir: str | os.PathLike | None = None, start: bool = True) -> RadiomicsCCC:
     """Radiomic features of every segment on every volume and on the reference, then Lin's CCC of each
     volume against the reference across segments, per feature class; runs in a worker process.
 
     All volumes must share the reference's voxel grid (e.g. a source volume and its standardized
     output). ``params`` (parameter file), ``image_types`` (e.g. ``{"Original": {}}``) and ``mode``
     override the shipped radiomics settings. The result tables and chart land in one new
-    subject-hierarchy folder beside the reference.
+    subject-hierarchy folder beside the reference. ``workdir``: an empty folder for the temporary files,
+    taken over and deleted at the end (default: the system temp).
     """
     from .radiomics import load_params
     from .runner import RadiomicsJob
@@ -608,7 +907,7 @@ def start_radiomics_ccc(scene: Any, segmentation_node: Any, volume_nodes: Sequen
     names = _unique_names(all_nodes)
     volumes = {name: volume_from_node(node) for name, node in zip(names, all_nodes)}
     job = RadiomicsJob(volumes, rois, params=params, image_types=image_types, mode=mode, workers=workers,
-                       python=python)
+                       python=python, workdir=workdir)
     task = RadiomicsCCC(scene, job, segmentation_node=segmentation_node, reference_node=reference_node,
                         names=dict(zip(names, all_nodes)), reference=names[0], methods=names[1:],
                         skipped=skipped, threshold=threshold, min_pairs=min_pairs)

@@ -54,7 +54,7 @@ def small_dataset(folder: Path) -> Path:
     try:
         import astra  # noqa: F401
     except ImportError:
-        from LTDiffPPLib.simulation import get_kernel
+        from LTDiffPPLib.kernels import get_kernel
 
         f = np.hypot(*np.meshgrid(np.fft.fftfreq(512, 0.7), np.fft.rfftfreq(512, 0.7), indexing="ij"))
         noisy = np.fft.rfft2(vol.hu + np.random.default_rng(0).normal(0.0, 60.0, vol.hu.shape))

@@ -19,7 +19,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from LTDiffPPLib.io import read_image  # noqa: E402
-from LTDiffPPLib.simulation import CALIBRATION_PATH, REFERENCE_KERNEL, kernel_ratio  # noqa: E402
+from LTDiffPPLib.kernels import CALIBRATION_PATH, REFERENCE_KERNEL, kernel_ratio  # noqa: E402
 
 FREQS = [0.075, 0.175, 0.275, 0.375, 0.475, 0.575, 0.675]
 MAX_USED = 0.575  # B10f's 0.675 band sits on a noise floor (it rises again); see docs/SIMULATION.md
@@ -62,7 +62,7 @@ def measure(data: Path) -> dict:
         "source": "test1 chest slice (leegaeun/CT_Kernel_Conversion data/noncontrast), Siemens B10f/B30f/B50f/B70f "
                   "reconstructions of the same projections",
         "estimator": "sqrt(P_kernel / P_B30f), power summed over Hann-windowed 128x128 crops entirely inside the "
-                     "body (half-crop stride), bands f +/- 0.05 mm^-1 (LTDiffPPLib.simulation.kernel_ratio)",
+                     "body (half-crop stride), bands f +/- 0.05 mm^-1 (LTDiffPPLib.kernels.kernel_ratio)",
         "pixel_mm": pixel,
         "reference": REFERENCE_KERNEL,
         "frequencies_mm": FREQS,

@@ -26,7 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from LTDiffPPLib.io import CTVolume, read_volume  # noqa: E402
-from LTDiffPPLib.simulation import REFERENCE_F50_MM, ScanProtocol, simulate, simulate_slice  # noqa: E402
+from LTDiffPPLib.kernels import REFERENCE_F50_MM  # noqa: E402
+from LTDiffPPLib.simulation import ScanProtocol, simulate, simulate_slice  # noqa: E402
 
 PX, N = 0.693, 512
 KERNELS = ["B10f", "B30f", "B50f", "B70f"]

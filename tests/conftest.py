@@ -14,21 +14,36 @@ import pytest
 
 from LTDiffPPLib.datasets import pairs_from_simulation, write_dataset
 from LTDiffPPLib.io import CTVolume
-from LTDiffPPLib.modelfile import init_model, load_model
-from LTDiffPPLib.models import ModelConfig
 from LTDiffPPLib.phantom import qa_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-#: a small architecture of the real model classes: fast on a CPU, same code paths as the default
-TINY = ModelConfig(patch=2, ae_widths=(8, 16, 16), latent_channels=4, den_widths=(8, 16), den_blocks=1,
-                   time_dim=16, groups=4)
+try:  # absent in `make test`'s Python 3.12 run, which is Slicer's GUI-side environment: no torch there
+    import torch  # noqa: F401
+except ImportError:
+    TORCH = False
+else:
+    TORCH = True
+#: why tests that run a model skip without torch
+NO_TORCH = "PyTorch is not installed here (the torch-free Python 3.12 run of the GUI-side tests)"
+#: for tests whose worker process loads a model (it imports torch) without a model fixture
+requires_torch = pytest.mark.skipif(not TORCH, reason=NO_TORCH)
+
+if TORCH:
+    from LTDiffPPLib.modelfile import init_model, load_model
+    from LTDiffPPLib.models import ModelConfig
+
+    #: a small architecture of the real model classes: fast on a CPU, same code paths as the default
+    TINY = ModelConfig(patch=2, ae_widths=(8, 16, 16), latent_channels=4, den_widths=(8, 16), den_blocks=1,
+                       time_dim=16, groups=4)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """A randomly initialised model file written and read through the real model-file code."""
+    if not TORCH:
+        pytest.skip(NO_TORCH)
     path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
     init_model(path, TINY, seed=0, source_kernel="B30f", target_kernel="B70f", name="tiny-test")
     return path

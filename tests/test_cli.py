@@ -25,7 +25,7 @@ def small_nrrd(tmp_path) -> Path:
 
 def test_standardize_image_to_image_keeps_geometry(small_nrrd, tiny_model_path, tmp_path, capsys):
     out = tmp_path / "out.nii.gz"
-    rc = main(["standardize", str(small_nrrd), str(out), "--model", str(tiny_model_path), "--steps", "2", "--quiet"])
+    rc = main(["standardize", str(small_nrrd), str(out), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "2", "--quiet"])
     assert rc == 0
     src, res = read_volume(small_nrrd), read_volume(out)
     assert res.hu.shape == src.hu.shape
@@ -37,7 +37,7 @@ def test_standardize_image_to_image_keeps_geometry(small_nrrd, tiny_model_path, 
 
 def test_standardize_to_dicom_series(small_nrrd, tiny_model_path, tmp_path):
     out = tmp_path / "dicom_out"
-    assert main(["standardize", str(small_nrrd), str(out), "--model", str(tiny_model_path), "--steps", "2",
+    assert main(["standardize", str(small_nrrd), str(out), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "2",
                  "--seed", "5", "--quiet"]) == 0
     files = sorted(out.glob("*.dcm"))
     assert len(files) == 3
@@ -52,7 +52,7 @@ def test_standardize_to_dicom_series(small_nrrd, tiny_model_path, tmp_path):
 def test_same_seed_same_output(small_nrrd, tiny_model_path, tmp_path):
     outs = []
     for name in ("a.nrrd", "b.nrrd"):
-        main(["standardize", str(small_nrrd), str(tmp_path / name), "--model", str(tiny_model_path), "--steps", "2",
+        main(["standardize", str(small_nrrd), str(tmp_path / name), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "2",
               "--quiet"])
         outs.append(read_volume(tmp_path / name).hu)
     np.testing.assert_array_equal(*outs)
@@ -61,11 +61,11 @@ def test_same_seed_same_output(small_nrrd, tiny_model_path, tmp_path):
 def test_existing_output_is_refused_before_any_work_and_left_intact(small_nrrd, tiny_model_path, tmp_path, capsys):
     out = tmp_path / "exists.nrrd"
     out.write_bytes(b"precious")
-    rc = main(["standardize", str(small_nrrd), str(out), "--model", str(tiny_model_path), "--quiet"])
+    rc = main(["standardize", str(small_nrrd), str(out), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "already exists" in err and err.count("\n") == 1
     assert out.read_bytes() == b"precious"
-    assert main(["standardize", str(small_nrrd), str(out), "--model", str(tiny_model_path), "--steps", "1",
+    assert main(["standardize", str(small_nrrd), str(out), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "1",
                  "--overwrite", "--quiet"]) == 0
     assert read_volume(out).hu.shape == (3, 40, 36)
 
@@ -82,14 +82,14 @@ def test_bad_input_gives_one_line_and_exit_2(kind, expect, tiny_model_path, tmp_
     elif kind == "text file":
         src = tmp_path / "x.txt"
         src.write_text("hi")
-    rc = main(["standardize", str(src), str(tmp_path / "o.nrrd"), "--model", str(tiny_model_path), "--quiet"])
+    rc = main(["standardize", str(src), str(tmp_path / "o.nrrd"), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and expect in err and err.startswith("ltdiffpp: error:")
     assert not (tmp_path / "o.nrrd").exists()
 
 
 def test_bad_settings_give_exit_2(small_nrrd, tiny_model_path, tmp_path, capsys):
-    rc = main(["standardize", str(small_nrrd), str(tmp_path / "o.nrrd"), "--model", str(tiny_model_path),
+    rc = main(["standardize", str(small_nrrd), str(tmp_path / "o.nrrd"), "--model", str(tiny_model_path), "--source-kernel", "B30f",
                "--steps", "0", "--quiet"])
     assert rc == 2 and "steps" in capsys.readouterr().err
     assert not (tmp_path / "o.nrrd").exists()
@@ -122,7 +122,7 @@ def test_console_script_runs_with_progress_bar(small_nrrd, tiny_model_path, tmp_
     if not exe.exists():
         pytest.skip(f"console script {exe} not installed (run `make test`, which installs the project)")
     out = tmp_path / "cs.mha"
-    p = subprocess.run([str(exe), "standardize", str(small_nrrd), str(out), "--model", str(tiny_model_path),
+    p = subprocess.run([str(exe), "standardize", str(small_nrrd), str(out), "--model", str(tiny_model_path), "--source-kernel", "B30f",
                         "--steps", "2"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "slices" in p.stderr and "wrote" in p.stdout  # tqdm bar on stderr, summary on stdout
@@ -143,7 +143,7 @@ def test_real_dicom_series_end_to_end(shared_data, tiny_model_path, tmp_path):
     """The real Siemens Br38f series (JPEG 2000, 20 slices) in, a DICOM series out, tags carried over."""
     src = shared_data / "chest_ct" / "totalsegmentator_siemens_Br38f"
     out = tmp_path / "std"
-    assert main(["standardize", str(src), str(out), "--model", str(tiny_model_path), "--steps", "1",
+    assert main(["standardize", str(src), str(out), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "1",
                  "--batch-size", "10", "--quiet"]) == 0
     vin, vout = read_volume(src), read_volume(out)
     assert vout.hu.shape == vin.hu.shape == (20, 512, 512)

@@ -182,7 +182,7 @@ def test_cli_build_dataset_from_phantoms(tmp_path):
     assert {p["split"] for p in ds.pairs} == {"train", "val", "test"}
     src, tgt = ds.arrays(ds.pairs[0])
     assert src.shape == (2, 192, 192)  # 1.9 mm pixels: fine enough for the kernels to differ
-    from LTDiffPPLib.simulation import kernel_ratio
+    from LTDiffPPLib.kernels import kernel_ratio
 
     pixel = ds.pairs[0]["spacing_mm"][0]
     ratio = kernel_ratio(np.asarray(tgt[0], np.float32), np.asarray(src[0], np.float32), pixel, [0.2], crop=64)

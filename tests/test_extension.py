@@ -262,38 +262,63 @@ def test_module_imports_nothing_heavy_and_installs_nothing_at_load():
 
 
 # ------------------------------------------------------------------------ the Logic on a real scene
-def _load_module_with_qt_stand_ins(monkeypatch, scene):
-    """Import LTDiffPP.py on slicer-core: real MRML, real ``slicer.util``; the Qt-only modules it imports
-    are replaced by minimal stand-ins (the GUI classes are defined but not exercised)."""
-    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+class _Base:
+    def __init__(self, parent=None, *args, **kwargs):
+        self.parent = parent  # as the real base classes keep it
 
-    class _Base:
-        def __init__(self, *args, **kwargs):
-            pass
+    def onReload(self):  # the real one re-imports the module file into the running application (Qt)
+        pass
+
+
+def qt_stand_in_modules() -> dict[str, types.ModuleType]:
+    """Minimal stand-ins for the Qt-only modules LTDiffPP.py imports, which exist only inside the Slicer
+    application (``qt``, the ScriptedLoadableModule base classes, ``parameterNodeWrapper``,
+    ``slicer.i18n``). The test base class is a real ``unittest.TestCase``; ``delayDisplay`` (a Qt
+    dialog in Slicer) records its messages in ``displayed``."""
+    import unittest
 
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleWidget"):
         setattr(slm, name, type(name, (_Base,), {}))
+    displayed: list[str] = []
+    slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (unittest.TestCase,), {
+        "displayed": displayed, "delayDisplay": lambda self, message, msec=None: displayed.append(message)})
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
     pnw.parameterNodeWrapper = lambda cls: cls
     pnw.Choice = lambda choices: ("Choice", tuple(choices))
     pnw.WithinRange = lambda lo, hi: ("WithinRange", lo, hi)
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", pnw)
-    monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
-    monkeypatch.setattr(slicer.util, "VTKObservationMixin", _Base, raising=False)
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    monkeypatch.setattr(slicer, "app", None, raising=False)
+    i18n.translate = lambda context, text: text
+    return {"qt": types.ModuleType("qt"), "slicer.ScriptedLoadableModule": slm,
+            "slicer.parameterNodeWrapper": pnw, "slicer.i18n": i18n}
+
+
+def load_module(scene, app=None):
+    """Import LTDiffPP.py with the stand-ins in place (``sys.modules`` must already hold them)."""
     import importlib.util
 
+    import slicer
+
+    slicer.util.VTKObservationMixin = _Base
+    slicer.mrmlScene = scene
+    slicer.app = app
     spec = importlib.util.spec_from_file_location("LTDiffPP_under_test", MODULE_PY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_module_with_qt_stand_ins(monkeypatch, scene, app=None):
+    """Import LTDiffPP.py on slicer-core: real MRML, real ``slicer.util``; the Qt-only modules it imports
+    are replaced by minimal stand-ins (the GUI classes are defined but not exercised)."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+    for name, module in qt_stand_in_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(slicer.util, "VTKObservationMixin", _Base, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    return load_module(scene, app)
 
 
 def test_console_api_on_a_real_scene(monkeypatch, tiny_model_path):
@@ -316,7 +341,7 @@ def test_console_api_on_a_real_scene(monkeypatch, tiny_model_path):
     logic = module.LTDiffPPLogic()
     info = logic.modelInfoText(str(tiny_model_path))
     assert "B30f" in info and "UNTRAINED" in info
-    out = logic.standardize(ct, model=str(tiny_model_path), steps=2, seed=0, device="cpu")
+    out = logic.standardize(ct, model=str(tiny_model_path), steps=2, seed=0, device="cpu", sourceKernel="B30f")
     assert out.GetName() == "CT_B70f" and scene.GetNodeByID(out.GetID()) is out
     assert slicer.util.arrayFromVolume(out).shape == (2, 48, 48)
 
@@ -333,3 +358,227 @@ def test_console_api_on_a_real_scene(monkeypatch, tiny_model_path):
     assert features.IsA("vtkMRMLTableNode") and ccc.IsA("vtkMRMLTableNode")
     columns = [ccc.GetTable().GetColumn(i).GetName() for i in range(ccc.GetTable().GetNumberOfColumns())]
     assert "CT: mean" in columns and "CT_B70f: mean" in columns
+
+
+# ---------------------------------------------------------------------------- self-test, torch, reload
+def test_self_test_installs_nothing_and_raises_no_skiptest(monkeypatch, tmp_path):
+    """On the extension factory's shared Slicer (or on *Reload and Test*) with the worker's packages
+    missing: the self-test must install nothing and must not raise (skipTest shows an exception dialog).
+    The Qt GUI-binding test cannot run without the application: it is replaced by a recorder here."""
+    from LTDiffPPLib.mrml import headless_scene
+
+    module = _load_module_with_qt_stand_ins(monkeypatch, headless_scene())
+    import slicer
+
+    installs = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: installs.append(("pip", a)), raising=False)
+    torch_utils = types.ModuleType("PyTorchUtils")
+    torch_utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(
+        installTorch=lambda **k: installs.append(("torch", k)), torchInstalled=lambda: False)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
+    req = tmp_path / "requirements.txt"
+    req.write_text("safetensors>=0.4\nsurely-not-installed-ltdiffpp-xyz>=1\n")  # a package really missing
+    monkeypatch.setattr(module, "REQUIREMENTS_FILE", str(req))
+    gui_tests = []
+    monkeypatch.setattr(module.LTDiffPPTest, "test_parameter_node_and_gui_binding", lambda self: gui_tests.append(1))
+    test = module.LTDiffPPTest()
+    test.displayed.clear()
+    test.runTest()  # no exception: nothing raised, nothing skipped
+    assert installs == [] and gui_tests == [1]
+    assert any("not run" in m and "surely-not-installed-ltdiffpp-xyz>=1" in m for m in test.displayed)
+    assert slicer.mrmlScene.GetFirstNodeByName("phantom") is None  # the worker tests did not run
+    # and by construction: the test class never reaches an installer, and never calls skipTest
+    tree = ast.parse(MODULE_PY.read_text())
+    test_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LTDiffPPTest")
+    calls = {ast.unparse(c.func).split(".")[-1] for c in ast.walk(test_class) if isinstance(c, ast.Call)}
+    assert not calls & {"checkDependencies", "installTorch", "pip_install", "skipTest"}, calls
+
+
+_SUBPROCESS_PRELUDE = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_extension as t
+sys.modules.update(t.qt_stand_in_modules())
+from LTDiffPPLib.mrml import headless_scene
+module = t.load_module(headless_scene())
+"""
+
+
+def _run_python(code: str) -> str:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS_PRELUDE + code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_the_application_process_never_imports_torch():
+    """Entering the module, listing and describing models, the device label, the dependency check and
+    the status text run in Slicer's own process: torch must stay out of it (it lives in the worker)."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    out = _run_python("""
+logic = module.LTDiffPPLogic()
+entries, default = logic.availableModels()
+print(bool(logic.modelInfoText(default)), bool(logic.modelCaveatsText(default)))
+print(logic.deviceAvailabilityText())
+print(logic.missingDependencies(radiomics=True)["packages"])
+print("torch" in sys.modules)
+""").splitlines()
+    assert out[0] == "True True"
+    assert out[-1] == "False", "torch was imported in the application's process"
+    assert "PyTorch" in out[1] and out[2] == "[]"
+
+
+def test_reload_reloads_the_library_too():
+    """*Reload* in developer mode must pick up edits of LTDiffPPLib, not only of LTDiffPP.py (the widget is
+    constructed without its Qt setup; the base class's own reload is Qt and is a no-op stand-in)."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    out = _run_python("""
+import LTDiffPPLib.runner as runner, LTDiffPPLib.mrml as mrml, LTDiffPPLib.sampledata as sampledata
+runner.PREFIX, mrml._LOGICS, sampledata.SAMPLE_SEED = "edited", (), -1
+old_error = runner.JobError
+module.LTDiffPPWidget().onReload()
+print(runner.PREFIX, len(mrml._LOGICS) > 0, sampledata.SAMPLE_SEED, runner.JobError is not old_error)
+""")
+    assert out.split() == ["@@LTDIFFPP", "True", "1000", "True"]
+    code = MODULE_PY.read_text()
+    library = ({p.stem for p in (ROOT / "LTDiffPPLib").glob("*.py")}
+               | {p.parent.name for p in (ROOT / "LTDiffPPLib").glob("*/__init__.py")}) - {"__init__"}
+    reloaded = set(re.search(r"LIBRARY_MODULES = \(([^)]*)\)", code).group(1).replace('"', "").replace(",", " ")
+                   .split())
+    # every library module the GUI process imports is reloaded (torch-side modules load in the worker)
+    assert {"runner", "mrml", "sampledata", "io", "errors"} <= reloaded <= library
+
+
+# ------------------------------------------------------------------------- Apply to all, status text
+def test_apply_to_all_and_the_status_text_through_the_logic(monkeypatch, tiny_model_path):
+    """``logic.standardizeFolder`` (the *Apply to all* button) on a real scene with real workers, polled
+    like the widget polls it; the status text the panel shows carries the worker's warnings."""
+    import time
+
+    from LTDiffPPLib.io import CTVolume
+    from LTDiffPPLib.mrml import headless_scene, sh_item, subject_hierarchy, update_node_from_volume
+    from LTDiffPPLib.phantom import qa_phantom
+
+    scene = headless_scene()
+    module = _load_module_with_qt_stand_ins(monkeypatch, scene)
+    sh = subject_hierarchy(scene)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), "cases")
+    for i, mm in enumerate((0.7, 2.0)):  # the second is outside the model's pixel range: a warning
+        vol = CTVolume(hu=qa_phantom((1, 32, 32), spacing_mm=6.0, seed=i), spacing=(mm, mm, 2.0),
+                       origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0))
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"case{i}")
+        update_node_from_volume(node, vol)
+        sh.SetItemParent(sh_item(scene, node), folder)
+    logic = module.LTDiffPPLogic()
+    batch = logic.standardizeFolder(folder, model=str(tiny_model_path), steps=1, device="cpu",
+                                    waitForCompletion=False, sourceKernel="B30f")
+    texts = []
+    while batch.poll() == "running":
+        texts.append(logic.statusText(batch))
+        time.sleep(0.05)
+    outputs = batch.finish()
+    assert [o.GetName() for o in outputs] == ["case0_B70f", "case1_B70f"]
+    final = logic.statusText(batch)
+    assert final.startswith("Batch done: 2 of 2 volumes standardized")
+    assert "Warning: case1: in-plane pixels 2 x 2 mm resampled to 1 mm" in final and "case0:" not in final
+    assert any(t.startswith("Volume 1 of 2 (case0)") for t in texts)
+
+
+# ------------------------------------------------------------------------------------------ sample data
+def test_sample_data_registration_makes_and_loads_the_phantom(monkeypatch, tmp_path):
+    """The module registers the chest phantom with Sample Data; its custom downloader (what the Sample
+    Data button calls) makes the files in the worker and loads them. Sample Data is a Qt module of the
+    application: a stand-in records the registration and checks it as SampleDataSource does (one URI,
+    file name, node name and file type per file); the progress dialog is a Qt stand-in too."""
+    from LTDiffPPLib.mrml import headless_scene
+
+    registered = []
+
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
+                                           nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                           loadFileType="VolumeFile", loadFiles=None, loadFileProperties=None,
+                                           checksums=None):
+            assert len(uris) == len(fileNames) == len(nodeNames) == len(loadFileType)
+            registered.append(dict(category=category, sampleName=sampleName, uris=uris, fileNames=fileNames,
+                                   nodeNames=nodeNames, customDownloader=customDownloader,
+                                   thumbnailFileName=thumbnailFileName))
+
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = SampleDataLogic
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    connected = []
+    app = types.SimpleNamespace(cachePath=str(tmp_path / "cache"), connect=lambda *a: connected.append(a),
+                                processEvents=lambda: None)  # the Qt application: a stand-in
+    scene = headless_scene()
+    module = _load_module_with_qt_stand_ins(monkeypatch, scene, app=app)
+    import slicer
+
+    dialogs = []
+    monkeypatch.setattr(slicer.util, "createProgressDialog", lambda **k: dialogs.append(
+        types.SimpleNamespace(value=0, labelText="", close=lambda: None)) or dialogs[-1], raising=False)
+    module.LTDiffPP(types.SimpleNamespace())  # the module object connects the registration to startup
+    assert connected and connected[0][0] == "startupCompleted()"
+    module.registerSampleData(shape=(2, 64, 64))
+    (entry,) = registered
+    assert entry["category"] == "LTDiffPP" and entry["sampleName"] == "LTDiffPPChestPhantom"
+    assert entry["nodeNames"] == ["ChestPhantom_B30f", "ChestPhantom_B70f", "ChestPhantom_B50f",
+                                  "ChestPhantom_tissues"]
+    assert Path(entry["thumbnailFileName"]).is_file()
+    assert all(u.startswith("file:") and not u.startswith("file://http") for u in entry["uris"])
+    nodes = entry["customDownloader"](types.SimpleNamespace(sampleName=entry["sampleName"]))  # the button
+    assert [n.GetName() for n in nodes] == entry["nodeNames"]
+    assert all(scene.GetNodeByID(n.GetID()) is n for n in nodes)
+    from urllib.parse import unquote, urlparse
+
+    assert all(Path(unquote(urlparse(u).path)).is_file() for u in entry["uris"])  # Sample Data can load them now
+    assert dialogs and dialogs[0].value == 100
+
+
+# ------------------------------------------------------------------------------- catalog and metadata
+#: the Extensions Index's accepted categories that could fit this extension (scripts/check_description_files.py)
+INDEX_CATEGORIES = {"Filtering", "Quantification", "Image Synthesis", "Informatics", "Analysis"}
+
+
+def test_catalog_and_metadata_pass_the_extensions_index_checks():
+    entry = json.loads((ROOT / "LTDiffPP.json").read_text())
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    repo = entry["scm_url"].rstrip("/").rsplit("/", 1)[1].removesuffix(".git")
+    assert repo.startswith("Slicer"), "the Index's check_git_repository_name"
+    assert not "LTDiffPP".lower().startswith("slicer"), "check_extension_name: the extension name must not"
+    assert re.search(r"project\(\s*LTDiffPP\s*\)", cmake), "check_cmakelists_content: project() = JSON name"
+    assert entry["scm_url"].startswith("https://") and entry["category"] in INDEX_CATEGORIES
+    for url in re.findall(r'set\(EXTENSION_(?:ICONURL|SCREENSHOTURLS) "([^"]+)"\)', cmake):
+        assert f"/{repo}/" in url and url.endswith(".png")
+    assert (ROOT / "LICENSE").is_file() and "MIT" in (ROOT / "LICENSE").read_text()
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]*)"\)', cmake).group(1)
+    name_org = r"[^,()]+ \([^()]+\)"
+    assert re.fullmatch(rf"{name_org}(, {name_org})*", contributors), contributors
+    module_contributors = re.search(r"CONTRIBUTORS = \[(.*)\]", MODULE_PY.read_text()).group(1)
+    assert all(re.fullmatch(name_org, c) for c in re.findall(r'"([^"]+)"', module_contributors))
+    # the description names the kernels actually shipped, and none that are not
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]*)"\)', cmake).group(1)
+    registry = json.loads((ROOT / "LTDiffPPLib" / "resources" / "registry.json").read_text())
+    for model in registry["models"]:
+        assert model["source_kernel"] in description and model["target_kernel"] in description
+    assert not re.search(r"\b(Br40|Bl64)\b", description) and "simulated" in description
+
+
+def test_category_is_translated_in_slicers_core_context():
+    tree = ast.parse(MODULE_PY.read_text())
+    init = next(f for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LTDiffPP"
+                for f in n.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+    (assign,) = [a for a in ast.walk(init) if isinstance(a, ast.Assign)
+                 and ast.unparse(a.targets[0]) == "self.parent.categories"]
+    assert ast.unparse(assign.value) == "[translate('qSlicerAbstractCoreModule', 'Filtering')]"
+
+
+def test_docs_state_the_slicer_versions_the_index_serves_and_the_licence():
+    slicer_md = (ROOT / "docs" / "SLICER.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "5.6 or later" not in slicer_md
+    assert "Python 3.12" in slicer_md and "Preview" in slicer_md
+    assert re.search(r"## Licen[cs]e", readme) and "MIT" in readme

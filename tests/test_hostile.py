@@ -63,7 +63,7 @@ def _refused(args: list[str], capsys, root: Path, *expect: str) -> str:
 
 @pytest.fixture
 def tiny(tiny_model_path) -> list[str]:
-    return ["--model", str(tiny_model_path), "--steps", "1", "--quiet"]
+    return ["--model", str(tiny_model_path), "--steps", "1", "--quiet", "--source-kernel", "B30f"]
 
 
 # ------------------------------------------------------------------ 1. an output that is an input
@@ -298,7 +298,8 @@ def test_file_without_digest_loads_with_a_warning_and_embed_digest_fixes_it(tiny
 ])
 def test_numeric_options_out_of_range_give_one_line(command, option, value, tmp_path, tiny_model_path, capsys):
     src = io.write_image(_volume(), tmp_path / "in.nrrd")
-    args = {"standardize": ["standardize", str(src), str(tmp_path / "o.nrrd"), "--model", str(tiny_model_path)],
+    args = {"standardize": ["standardize", str(src), str(tmp_path / "o.nrrd"), "--model", str(tiny_model_path),
+                            "--source-kernel", "B30f"],
             "simulate": ["simulate", str(src), str(tmp_path / "sim")],
             "build-dataset": ["build-dataset", str(tmp_path / "ds"), "--phantoms", "1"],
             "evaluate": ["evaluate", "--reference", str(src), "--candidate", f"a={src}", "--out", str(tmp_path / "ev")]}
@@ -364,13 +365,15 @@ def test_info_on_a_folder(tmp_path, capsys):
 
 def test_cli_warnings_are_one_line_and_keep_their_category(tmp_path, tiny, capsys):
     v = _volume()
-    raw = v.with_hu(v.hu + 1024)  # raw unsigned values: the reader warns
+    raw = v.with_hu(v.hu + 1024)  # raw unsigned values: the reader warns, the domain guard refuses
     src = io.write_image(raw, tmp_path / "raw.nrrd")
-    assert main(["standardize", str(src), str(tmp_path / "o.nrrd"), *tiny]) == 0
+    assert main(["standardize", str(src), str(tmp_path / "o.nrrd"), *tiny]) == 2
+    assert "not Hounsfield units" in capsys.readouterr().err
+    assert main(["standardize", str(src), str(tmp_path / "o.nrrd"), *tiny, "--force"]) == 0  # converted anyway
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert lines and all(ln.startswith("ltdiffpp: warning: ") for ln in lines), err
-    assert "raw unsigned" in err and "UserWarning" not in err and ".py:" not in err
+    assert len(lines) >= 2 and all(ln.startswith("ltdiffpp: warning: ") for ln in lines), err
+    assert "raw unsigned" in err and "converted despite" in err and "UserWarning" not in err and ".py:" not in err
     with pytest.warns(UserWarning, match="raw unsigned"):  # the library still warns with its category
         io.read_volume(src)
 
@@ -480,7 +483,8 @@ def test_dicom_output_has_no_dciodvfy_error_the_input_lacks(name, dciodvfy, shar
 def test_cli_dicom_output_conforms_and_its_description_fits(dciodvfy, tmp_path, tiny_model_path, capsys):
     src = io.write_image(_volume(), tmp_path / "in.nrrd")  # no DICOM header at all: nothing to excuse errors
     out = tmp_path / "out"
-    assert main(["standardize", str(src), str(out), "--model", "ltdiffpp-b30f-b70f", "--steps", "1", "--quiet"]) == 0
+    assert main(["standardize", str(src), str(out), "--model", "ltdiffpp-b30f-b70f", "--steps", "1", "--quiet",
+                 "--source-kernel", "B30f"]) == 0
     assert capsys.readouterr().err == ""  # no truncation warning
     for f in sorted(out.iterdir()):
         assert _dciodvfy_errors(f) == set(), f.name

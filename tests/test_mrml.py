@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import requires_torch
 
 from LTDiffPPLib.errors import Cancelled, InputError
-from LTDiffPPLib.inference import standardize
 from LTDiffPPLib.io import CTVolume, read_image, write_image
 from LTDiffPPLib.phantom import qa_phantom
 
@@ -32,6 +32,14 @@ from LTDiffPPLib.mrml import (  # noqa: E402
     volume_from_node,
 )
 from LTDiffPPLib.runner import CANCELLED, JobError  # noqa: E402
+
+
+def _standardize(*args, **kwargs):
+    """``LTDiffPPLib.inference.standardize``, imported on use: it needs torch, which the Python 3.12
+    GUI-side run of these tests does not have (the tests that call it skip there)."""
+    from LTDiffPPLib.inference import standardize
+
+    return standardize(*args, **kwargs)
 
 
 def _oblique_direction() -> tuple[float, ...]:
@@ -91,7 +99,7 @@ def test_standardize_volume_node_end_to_end(scene, ct, tiny_model):
     inp.GetIJKToRASMatrix(a)
     out.GetIJKToRASMatrix(b)
     assert all(a.GetElement(r, c) == pytest.approx(b.GetElement(r, c)) for r in range(4) for c in range(4))
-    expected = standardize(ct.hu, ct.spacing, tiny_model, steps=2, seed=1, device="cpu")
+    expected = _standardize(ct.hu, ct.spacing, tiny_model, steps=2, seed=1, device="cpu")
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(out), expected)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(inp), before)  # input untouched
 
@@ -194,7 +202,7 @@ def test_worker_run_end_to_end_new_node_beside_input(scene, ct, tiny_model, tiny
     study = _in_study(scene, inp)
     before = slicer.util.arrayFromVolume(inp).copy()
     n_volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-    task = start_standardize_volume_node(scene, inp, model=str(tiny_model_path), steps=2, seed=1, device="cpu")
+    task = start_standardize_volume_node(scene, inp, model=str(tiny_model_path), source_kernel="B30f", steps=2, seed=1, device="cpu")
     seen = []
     while task.poll() == "running":  # what the widget's QTimer does
         seen.append(task.progress)
@@ -208,7 +216,7 @@ def test_worker_run_end_to_end_new_node_beside_input(scene, ct, tiny_model, tiny
     assert out.GetTransformNodeID() == tf.GetID()
     np.testing.assert_allclose(_ijk_to_ras(out), _ijk_to_ras(inp), atol=1e-9)
     assert same_grid(out, inp)
-    expected = standardize(ct.hu, ct.spacing, tiny_model, steps=2, seed=1, device="cpu")
+    expected = _standardize(ct.hu, ct.spacing, tiny_model, steps=2, seed=1, device="cpu")
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(out), expected)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(inp), before)
     sh = subject_hierarchy(scene)
@@ -223,7 +231,7 @@ def test_cancelled_worker_run_leaves_the_output_untouched(scene, tiny_model_path
     inp = _volume_node(scene, big, "chest")
     out = _volume_node(scene, big.with_hu(np.full(big.hu.shape, 7.0, np.float32)), "previous result")
     n_nodes = scene.GetNumberOfNodes()
-    task = start_standardize_volume_node(scene, inp, out, model=str(tiny_model_path), steps=50, device="cpu")
+    task = start_standardize_volume_node(scene, inp, out, model=str(tiny_model_path), source_kernel="B30f", steps=50, device="cpu")
     deadline = time.monotonic() + 120
     while task.poll() == "running" and task.progress == 0.0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -238,18 +246,19 @@ def test_cancelled_worker_run_leaves_the_output_untouched(scene, tiny_model_path
     assert not task.job.workdir.exists()
 
 
+@requires_torch
 def test_failed_worker_run_says_why_and_adds_no_node(scene, ct, tmp_path):
     inp = _volume_node(scene, ct, "chest")
     bogus = tmp_path / "not-a-model.safetensors"
     bogus.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     n_nodes = scene.GetNumberOfNodes()
-    task = start_standardize_volume_node(scene, inp, model=str(bogus), steps=2, device="cpu")
+    task = start_standardize_volume_node(scene, inp, model=str(bogus), source_kernel="B30f", steps=2, device="cpu")
     with pytest.raises(JobError, match="not-a-model.safetensors") as info:
         task.wait(timeout=120)
     assert info.value.kind == "ModelFileError"
     assert scene.GetNumberOfNodes() == n_nodes
     with pytest.raises(InputError, match=">= 1"):
-        start_standardize_volume_node(scene, inp, model=str(bogus), steps=0)
+        start_standardize_volume_node(scene, inp, model=str(bogus), source_kernel="B30f", steps=0)
 
 
 # ----------------------------------------------------------------------------------------- segments
@@ -368,3 +377,132 @@ def test_radiomics_ccc_refuses_what_it_cannot_measure(scene):
     with pytest.raises(InputError, match="at least one volume"):
         start_radiomics_ccc(scene, four, [ref], ref)
     assert scene.GetNumberOfNodes() == n_nodes  # refused before anything was added
+
+
+# ------------------------------------------------------------------------------------ output rule
+def test_a_new_output_node_per_input_unless_chosen(scene, ct, tiny_model_path):
+    """The selector may still show the last result: Apply on ANOTHER input must not overwrite it; a
+    re-run of the same input, or a volume the user chose, is filled."""
+    from LTDiffPPLib.mrml import resolve_output_node
+
+    a = _volume_node(scene, ct, "chestA")
+    b = _volume_node(scene, ct.with_hu(ct.hu[::-1].copy()), "chestB")
+    out_a = start_standardize_volume_node(scene, a, model=str(tiny_model_path), source_kernel="B30f", steps=1, device="cpu").wait(timeout=300)
+    before = slicer.util.arrayFromVolume(out_a).copy()
+    out_b = start_standardize_volume_node(scene, b, out_a, model=str(tiny_model_path), source_kernel="B30f", steps=1,
+                                          device="cpu").wait(timeout=300)
+    assert out_b is not out_a and out_b.GetName() == "chestB_B70f"
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(out_a), before)  # A's result untouched
+    assert out_b.GetAttribute("LTDiffPP.source_volume") == b.GetID()
+    again = start_standardize_volume_node(scene, a, out_a, model=str(tiny_model_path), source_kernel="B30f", steps=1, seed=5,
+                                          device="cpu").wait(timeout=300)
+    assert again is out_a and "seed 5" in out_a.GetDescription()  # the same input's result is refreshed
+    mine = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my volume")
+    assert resolve_output_node(b, mine) is mine  # a volume the user chose is used
+    assert resolve_output_node(b, out_a) is None and resolve_output_node(a, out_a) is out_a
+
+
+# ------------------------------------------------------------------------------------------- batch
+def _study_with_volumes(scene, ct):
+    """A patient/study as DICOM import makes it: two CTs, an MR, a label map, an earlier LTDiffPP result."""
+    sh = subject_hierarchy(scene)
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient")
+    study = sh.CreateStudyItem(patient, "Study")
+    cts = [_volume_node(scene, ct, "CT1"), _volume_node(scene, ct.with_hu(ct.hu + 10.0), "CT2")]
+    mr = _volume_node(scene, ct, "MR")
+    lab = _volume_node_labelmap(scene, np.ones(ct.hu.shape), ct)
+    old = _volume_node(scene, ct, "CT1_B70f (earlier)")
+    old.SetAttribute("LTDiffPP.source_volume", cts[0].GetID())
+    for node in [*cts, mr, lab, old]:
+        sh.SetItemParent(sh_item(scene, node), study)
+    sh.SetItemAttribute(sh_item(scene, mr), "DICOM.Modality", "MR")
+    sh.SetItemAttribute(sh_item(scene, cts[0]), "DICOM.Modality", "CT")
+    outside = _volume_node(scene, ct, "elsewhere")  # not in the folder
+    return patient, study, cts, outside
+
+
+def test_apply_to_all_converts_the_ct_volumes_of_a_folder(scene, ct, tiny_model, tiny_model_path):
+    from LTDiffPPLib.mrml import ct_volumes_in_folder, start_batch_standardize
+
+    patient, study, cts, outside = _study_with_volumes(scene, ct)
+    assert ct_volumes_in_folder(scene, patient) == cts  # all levels below; MR, label map, result skipped
+    batch = start_batch_standardize(scene, patient, str(tiny_model_path), source_kernel="B30f", steps=1, seed=2, device="cpu")
+    seen = []
+    while batch.poll() == "running":  # what the widget's QTimer does: one progress bar for the batch
+        seen.append((batch.progress, batch.message))
+        time.sleep(0.05)
+    outputs = batch.finish()
+    assert batch.state == "done" and batch.progress == 1.0 and not batch.failures
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and any(0.5 <= f < 1 for f in fractions)  # one bar over both volumes
+    assert any(m.startswith("Volume 1 of 2 (CT1)") for _, m in seen)
+    assert any(m.startswith("Volume 2 of 2 (CT2)") for _, m in seen)
+    assert [o.GetName() for o in outputs] == ["CT1_B70f", "CT2_B70f"]
+    sh = subject_hierarchy(scene)
+    for node, out in zip(cts, outputs):
+        assert sh.GetItemParent(sh_item(scene, out)) == study
+        expected = _standardize(volume_from_node(node).hu, ct.spacing, tiny_model, steps=1, seed=2, device="cpu")
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(out), expected)
+    assert "2 of 2 volumes" in batch.message
+    with pytest.raises(InputError, match="no CT volume"):
+        start_batch_standardize(scene, sh.CreateFolderItem(sh.GetSceneItemID(), "empty"), str(tiny_model_path))
+
+
+def test_apply_to_all_goes_on_past_a_bad_volume_and_cancel_stops_it(scene, tiny_model_path):
+    from LTDiffPPLib.mrml import BatchStandardization
+
+    big = CTVolume(hu=qa_phantom((16, 64, 64), spacing_mm=3.0, seed=1), spacing=(0.7, 0.7, 2.0),
+                   origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0))
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no voxels")
+    first, second = _volume_node(scene, big, "big1"), _volume_node(scene, big, "big2")
+    n_nodes = scene.GetNumberOfNodes()
+    batch = BatchStandardization(scene, [empty, first, second], str(tiny_model_path), source_kernel="B30f", steps=50, device="cpu").start()
+    assert "no voxels" in batch.failures and "no image data" in batch.failures["no voxels"]
+    deadline = time.monotonic() + 120
+    while batch.poll() == "running" and batch.progress <= 1 / 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batch.state == "running" and batch.index == 1  # the bad one skipped, the first big one running
+    worker = batch._task.job
+    batch.cancel()
+    assert batch.state == "cancelled" and worker._proc.poll() is not None
+    assert batch.finish() == [] and scene.GetNumberOfNodes() == n_nodes  # the running one wrote nothing
+    assert "cancelled" in batch.message and not worker.workdir.exists()
+
+
+# ------------------------------------------------------------------------------------- status text
+def test_status_text_lists_the_workers_warnings(scene, tiny_model_path):
+    from LTDiffPPLib.mrml import status_text
+
+    coarse = CTVolume(hu=qa_phantom((1, 32, 32), spacing_mm=6.0, seed=2), spacing=(2.0, 2.0, 2.5),
+                      origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1.0))
+    node = _volume_node(scene, coarse, "coarse")
+    task = start_standardize_volume_node(scene, node, model=str(tiny_model_path), source_kernel="B30f", steps=1, device="cpu")
+    task.wait(timeout=300)
+    assert task.warnings and "in-plane pixels 2 x 2 mm resampled to 1 mm" in task.warnings[0]
+    text = status_text(task)
+    assert text.startswith("Done: 1 slices") and f"Warning: {task.warnings[0]}" in text
+
+
+# ------------------------------------------------------------------------------------- sample data
+def test_sample_data_loads_as_ct_volumes_and_tissue_segments(scene, tmp_path):
+    from LTDiffPPLib.mrml import load_sample_files
+    from LTDiffPPLib.sampledata import generate_sample
+
+    files = generate_sample(tmp_path, shape=(2, 64, 64), workers=1)
+    nodes = load_sample_files(scene, files)
+    volumes, segmentation = nodes[:-1], nodes[-1]
+    assert [v.GetName() for v in volumes] == ["ChestPhantom_B30f", "ChestPhantom_B70f", "ChestPhantom_B50f"]
+    for v in volumes:
+        ref = read_image(files[v.GetName()])
+        got = volume_from_node(v)
+        np.testing.assert_array_equal(got.hu, ref.hu)
+        np.testing.assert_allclose(got.origin, ref.origin, atol=1e-5)
+        assert v.GetAttribute("LTDiffPP.kernel") in v.GetName() and "reconstructed with" in v.GetDescription()
+    assert segmentation.IsA("vtkMRMLSegmentationNode")
+    names = {segmentation.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(segmentation.GetSegmentation().GetNumberOfSegments())}
+    assert {"lung", "bone", "fat"} <= names
+    sh = subject_hierarchy(scene)
+    folders = {sh.GetItemParent(sh_item(scene, n)) for n in nodes}
+    assert len(folders) == 1 and "ChestPhantom" in sh.GetItemName(folders.pop())
+    assert scene.GetFirstNodeByClass("vtkMRMLLabelMapVolumeNode") is None  # the temporary label map is gone

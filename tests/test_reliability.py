@@ -202,7 +202,7 @@ def test_bad_input_cli_and_api(case, series, tiny_model_path, tmp_path, capsys):
     assert named in str(err.value)
     before = sorted(p.name for p in tmp_path.iterdir())
     out = tmp_path / "out.nrrd"
-    rc = main(["standardize", str(src), str(out), "--model", str(tiny_model_path), "--steps", "1", "--quiet"])
+    rc = main(["standardize", str(src), str(out), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "1", "--quiet"])
     cli_err = capsys.readouterr().err
     assert rc == 2, cli_err
     assert cli_err.startswith("ltdiffpp: error:") and expect in cli_err and named in cli_err
@@ -283,7 +283,7 @@ def test_bad_model_cli(case, series, tiny_model_path, tmp_path, capsys):
 
 
 def test_output_exists_or_not_writable(series, tiny_model_path, tmp_path, capsys):
-    args = ["--model", str(tiny_model_path), "--steps", "1", "--quiet"]
+    args = ["--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "1", "--quiet"]
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep.txt").write_text("precious")
@@ -344,7 +344,7 @@ def test_sigkill_mid_write_leaves_the_old_output_intact(tiny_model_path, tmp_pat
     out = tmp_path / "out"
     io.write_dicom_series(_volume(2), out, series_description="old", convolution_kernel="")
     before = _sha_tree(out)
-    proc = _cli("standardize", str(src), str(out), "--model", str(tiny_model_path), "--steps", "1",
+    proc = _cli("standardize", str(src), str(out), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "1",
                 "--batch-size", "160", "--overwrite", "--quiet")
     deadline, killed_in = time.monotonic() + 120, None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -362,7 +362,7 @@ def test_sigkill_mid_write_leaves_the_old_output_intact(tiny_model_path, tmp_pat
     assert visible == ["in.nrrd", "out"]
     assert killed_in.exists() and len(list(killed_in.iterdir())) < 160  # a partial, hidden temporary only
     # the next run replaces the output and removes the dead writer's temporary
-    assert main(["standardize", str(src), str(out), "--model", str(tiny_model_path), "--steps", "1", "--overwrite",
+    assert main(["standardize", str(src), str(out), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "1", "--overwrite",
                  "--quiet"]) == 0
     assert io.read_volume(out).hu.shape == (160, 32, 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nrrd", "out"]
@@ -372,7 +372,7 @@ def test_inputs_and_model_unchanged_by_a_cli_run(series, tiny_model_path, tmp_pa
     src = _edited(series, tmp_path / "in", lambda ds, i: None)
     before, model_before = _sha_tree(src), sha256_file(tiny_model_path)
     stats = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
-    assert main(["standardize", str(src), str(tmp_path / "o"), "--model", str(tiny_model_path), "--steps", "1",
+    assert main(["standardize", str(src), str(tmp_path / "o"), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "1",
                  "--quiet"]) == 0
     assert _sha_tree(src) == before and sha256_file(tiny_model_path) == model_before
     assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == stats
@@ -383,7 +383,7 @@ def test_cpu_determinism_across_processes_and_provenance(tiny_model_path, tmp_pa
     """Same input, model, steps and seed in two separate processes: byte-identical output files."""
     src = io.write_image(_volume(3, 32, seed=7), tmp_path / "in.nrrd")
     outs = [tmp_path / "a.nrrd", tmp_path / "b.nrrd"]
-    procs = [_cli("standardize", str(src), str(o), "--model", str(tiny_model_path), "--steps", "3", "--seed", "11",
+    procs = [_cli("standardize", str(src), str(o), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "3", "--seed", "11",
                   "--quiet") for o in outs]
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -397,14 +397,14 @@ def test_cpu_determinism_across_processes_and_provenance(tiny_model_path, tmp_pa
     assert f"ltdiffpp {__import__('LTDiffPPLib').__version__}" in software and f"torch {torch.__version__}" in software
     assert "seed 11" in image.GetMetaData("LTDiffPP_sampling")
     other_seed = tmp_path / "c.nrrd"
-    assert main(["standardize", str(src), str(other_seed), "--model", str(tiny_model_path), "--steps", "3",
+    assert main(["standardize", str(src), str(other_seed), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "3",
                  "--seed", "12", "--quiet"]) == 0
     assert not np.array_equal(io.read_image(other_seed).hu, io.read_image(outs[0]).hu)
 
 
 def test_dicom_output_records_versions_and_model_checksum(series, tiny_model_path, tmp_path):
     out = tmp_path / "std"
-    assert main(["standardize", str(series), str(out), "--model", str(tiny_model_path), "--steps", "1",
+    assert main(["standardize", str(series), str(out), "--model", str(tiny_model_path), "--source-kernel", "B30f", "--steps", "1",
                  "--quiet"]) == 0
     ds = pydicom.dcmread(sorted(out.iterdir())[0], stop_before_pixels=True)
     versions = list(ds.SoftwareVersions)

@@ -8,16 +8,8 @@ import pytest
 from LTDiffPPLib.errors import InputError
 from LTDiffPPLib.io import CTVolume, read_image
 from LTDiffPPLib.phantom import QA_RODS, qa_phantom
-from LTDiffPPLib.simulation import (
-    CALIBRATION_PATH,
-    STORED_HU_RANGE,
-    ScanProtocol,
-    get_kernel,
-    kernel_library,
-    kernel_ratio,
-    simulate,
-    simulate_slice,
-)
+from LTDiffPPLib.kernels import CALIBRATION_PATH, get_kernel, kernel_library, kernel_ratio
+from LTDiffPPLib.simulation import STORED_HU_RANGE, ScanProtocol, simulate, simulate_slice
 
 IDENTITY = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
 PX = 0.8
