@@ -42,15 +42,21 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed write
 
 
 def main(argv: list[str] | None = None) -> int:
-    with warnings.catch_warnings():  # restores the caller's warning display when main returns
-        warnings.showwarning = _show_warning
+    previous = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # restored when main returns
+    try:
         return _main(argv)
+    finally:
+        warnings.formatwarning = previous
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: object = None, line: str | None = None) -> None:
-    """Print a warning as one line ``ltdiffpp: warning: ...`` (no source path, no code line)."""
-    print(f"ltdiffpp: warning: {' '.join(str(message).split())}", file=sys.stderr)
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """A warning as one line ``ltdiffpp: warning: ...`` (no source path, no code line).
+
+    Only the text is replaced (``warnings.formatwarning``), not how warnings are shown, so whoever records
+    them (``warnings.catch_warnings(record=True)``, ``pytest.warns``) still gets them with their category."""
+    return f"ltdiffpp: warning: {' '.join(str(message).split())}\n"
 
 
 class _Parser(argparse.ArgumentParser):
