@@ -199,7 +199,7 @@ def _standardize(a: argparse.Namespace) -> int:
     steps = meta["sampling"]["steps"] if a.steps is None else a.steps
     solver = a.solver or meta["sampling"]["solver"]
     if not a.quiet:
-        print(f"{plan.source.kernel.name} -> {plan.target.name}: source kernel from {plan.source.describe()}; "
+        print(f"{plan.source.kernel.name} -> {plan.target.name}: source kernel {plan.source.describe()}; "
               f"model {meta.get('name', model.path.stem)}", file=sys.stderr)
     n = volume.hu.shape[0]
     bar = tqdm(total=n, unit="slice", desc="standardize", disable=a.quiet, bar_format="{l_bar}{bar}| {n:.1f}/{total} slices [{elapsed}<{remaining}]")

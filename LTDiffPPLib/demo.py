@@ -3,10 +3,12 @@
 1. build a digital chest phantom (:mod:`LTDiffPPLib.phantom`);
 2. scan it once and reconstruct with the smooth (source) and sharp (reference) kernels
    (:mod:`LTDiffPPLib.simulation`);
-3. standardize the smooth scan with the registry's default model;
-4. radiomic concordance (CCC by feature class) of unconverted and converted images against the sharp
-   reference, beside the Fourier-ratio and ComBat baselines (:mod:`LTDiffPPLib.evaluation`);
-5. write the volumes, the report and a PNG panel (source / converted / reference, zoomed lung crop).
+3. standardize the smooth scan with the registry's default model and — where a model for the reverse
+   direction is shipped — the sharp scan back to the smooth kernel, each through the domain guard
+   (:func:`LTDiffPPLib.inference.standardize_volume`; the simulated scans name their kernels);
+4. radiomic concordance (CCC by feature class) of unconverted and converted images against the other
+   kernel's reconstruction, beside the Fourier-ratio and ComBat baselines (:mod:`LTDiffPPLib.evaluation`);
+5. write the volumes, the reports and a PNG panel (source / converted / reference, zoomed lung crop).
 
 While no trained model is shipped (it arrives with the Training issue) the demo says so and uses a
 randomly initialised model file it writes itself: every stage runs for real, but its "converted" row
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .inference import standardize
+from .inference import standardize_volume
 from .io import CTVolume, write_volume
 from .modelfile import LoadedModel, init_model, load_model, registry
 from .phantom import chest_phantom_volume
@@ -55,34 +57,51 @@ def run_demo(out_dir: Path, *, shape: tuple[int, int, int] = (4, 512, 512), rois
                          progress=lambda d, n: bar.update(d - bar.n)).volumes
     timings["phantom+simulation"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    source = scans[src_k]
-    with tqdm(total=shape[0], unit="slice", desc="[3/5] standardize") as bar:
-        hu = standardize(source.hu, source.spacing, model, steps=steps, seed=seed,
-                         progress=lambda d, n: bar.update(d - bar.n))
-    converted = source.with_hu(hu)
-    timings["standardize"] = time.perf_counter() - t
-
+    directions = [(src_k, tgt_k, model)] + [(tgt_k, src_k, m) for m in _reverse_model(src_k, tgt_k)]
     paths = {name: write_volume(vol, out_dir / f"{name}.nrrd", overwrite=True)
-             for name, vol in (("phantom", phantom), (f"source_{src_k}", source),
-                               (f"reference_{tgt_k}", scans[tgt_k]), ("converted", converted))}
-    t = time.perf_counter()
-    with tqdm(total=0, unit="ROI", desc="[4/5] radiomics") as bar:
+             for name, vol in (("phantom", phantom), (f"source_{src_k}", scans[src_k]),
+                               (f"reference_{tgt_k}", scans[tgt_k]))}
+    timings["standardize"] = timings["evaluation"] = 0.0
+    panels = []
+    for i, (a, b, m) in enumerate(directions):
+        t = time.perf_counter()
+        source, reference = scans[a], scans[b]
+        with tqdm(total=shape[0], unit="slice", desc=f"[3/5] standardize {a} -> {b}") as bar:
+            converted, _plan = standardize_volume(source, b, source_kernel=a, model=m, steps=steps, seed=seed,
+                                                  progress=lambda d, n: bar.update(d - bar.n))
+        timings["standardize"] += time.perf_counter() - t
+        suffix = "" if i == 0 else f"_{a}_to_{b}"
+        paths[f"converted{suffix}"] = write_volume(converted, out_dir / f"converted{suffix}.nrrd", overwrite=True)
+        t = time.perf_counter()
+        with tqdm(total=0, unit="ROI", desc=f"[4/5] radiomics against {b}") as bar:
 
-        def progress(done: int, total: int) -> None:  # counts ROIs of every image
-            bar.total = total
-            bar.update(done - bar.n)
+            def progress(done: int, total: int) -> None:  # counts ROIs of every image
+                bar.total = total
+                bar.update(done - bar.n)
 
-        result = evaluate(scans[tgt_k], {f"unconverted {src_k}": source, "LTDiffPP": converted}, source=source,
-                          rois=rois, seed=seed, out_dir=out_dir / "evaluation", overwrite=True, progress=progress)
-    timings["evaluation"] = time.perf_counter() - t
-    panel = _panel(out_dir / "panel.png", source, converted, scans[tgt_k], src_k, tgt_k)
-    print(f"[5/5] CCC of radiomic features against the {tgt_k} reference ({rois} ROIs):\n")
-    print(result.tables_markdown)
+            result = evaluate(reference, {f"unconverted {a}": source, "LTDiffPP": converted}, source=source,
+                              rois=rois, seed=seed, out_dir=out_dir / f"evaluation{suffix}", overwrite=True,
+                              progress=progress)
+        timings["evaluation"] += time.perf_counter() - t
+        panels.append(_panel(out_dir / f"panel{suffix}.png", source, converted, reference, a, b))
+        print(f"[5/5] {a} -> {b}: CCC of radiomic features against the {b} reconstruction ({rois} ROIs):\n")
+        print(result.tables_markdown)
+    if len(directions) == 1:
+        print(f"(no model for {tgt_k} -> {src_k} is shipped, so only {src_k} -> {tgt_k} is shown)")
     if model.metadata.get("training", {}).get("status") == "untrained":
         print("NOTE: the LTDiffPP row is an UNTRAINED network (no trained default model is shipped yet).")
-    print(f"\nwrote {', '.join(p.name for p in paths.values())}, evaluation/ and {panel.name} to {out_dir}")
+    print(f"\nwrote {', '.join(p.name for p in paths.values())}, the evaluation folders and "
+          f"{', '.join(p.name for p in panels)} to {out_dir}")
     return timings
+
+
+def _reverse_model(src_k: str, tgt_k: str) -> list[LoadedModel]:
+    """The shipped model converting ``tgt_k`` back to ``src_k``, if there is one."""
+    for e in registry()[0]:
+        if (e.source_kernel, e.target_kernel) == (tgt_k, src_k):
+            print(f"model: {e.name} ({tgt_k} -> {src_k})")
+            return [load_model(e.name)]
+    return []
 
 
 def _model(out_dir: Path) -> LoadedModel:
