@@ -40,7 +40,7 @@ from .kernels import (ImageKernelEstimate, Kernel, KernelEvidence, find_kernel, 
 from .modelcard import read_metadata, registry, resolve_model
 
 #: Smallest slice (pixels along y and along x) converted. Measured on crops of the real test1 slice
-#: (B30f -> B70f with the shipped model, 12 crops per size, docs/RESULTS.md "Small images"): at 16 px the
+#: (B30f -> B70f with the shipped model, 12 crops per size, docs/KERNELS.md "Small images"): at 16 px the
 #: converted crop is further from the real B70f than the unconverted one (mean absolute difference 82 vs
 #: 70 HU); from 24 px it is closer (67 vs 85), from 32 px its texture SD is within 15 % of the reference's.
 MIN_SLICE_PX = 32
