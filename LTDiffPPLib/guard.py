@@ -76,7 +76,6 @@ class ConversionPlan:
     source: KernelEvidence
     target: Kernel
     model: str
-    model_source: str
     axes: tuple[int, int, int] | None = None
     pixel_mm: tuple[float, float] | None = None
     notes: list[str] = field(default_factory=list)
@@ -123,7 +122,8 @@ def source_evidence(volume: CTVolume, source_kernel: str | None = None) -> Kerne
         note = ""
         if from_header.kernel is not None and from_header.kernel.has_response:
             if not _same_response(from_header.kernel, given):
-                return KernelEvidence(given, "given", source_kernel, f"the header says {from_header.kernel.name}")
+                return KernelEvidence(given, "given", source_kernel, f"the header says {from_header.kernel.name}",
+                                      contradicted=True)
         elif from_header.found:  # a header kernel without a known response: the given one stands in for it
             note = f"given for header kernel {from_header.found!r}"
         return KernelEvidence(given, "given", source_kernel, note)
@@ -212,7 +212,7 @@ def plan_conversion(volume: CTVolume, target_kernel: str | None = None, source_k
             source = KernelEvidence(fallback, "assumed (--force)", source.found, source.note)
         else:
             raise DomainError(text)
-    elif source.note.startswith("the header says"):  # a given kernel the header contradicts
+    elif source.contradicted:  # a given kernel the header contradicts
         problem(f"{name}: --source-kernel {source.kernel.name} was given, but {source.note}")
     if not source.kernel.has_response:
         est = image_estimate(volume)
@@ -271,7 +271,7 @@ def plan_conversion(volume: CTVolume, target_kernel: str | None = None, source_k
                 f"units (air is -1000 HU); it looks like {kind}")
     if problems:
         raise DomainError("; ".join(problems) + " — pass --force to convert anyway")
-    plan = ConversionPlan(source=source, target=target, model=model_name, model_source=meta["source_kernel"],
+    plan = ConversionPlan(source=source, target=target, model=model_name,
                           axes=axes if isinstance(axes, tuple) else None, pixel_mm=pixel, notes=notes,
                           overridden=overridden)
     if warn:

@@ -264,12 +264,14 @@ def kernel_values(convolution_kernel: object) -> list[str]:
 @dataclass(frozen=True)
 class KernelEvidence:
     """What is known of an image's kernel: ``kernel`` (None: unidentified), ``how`` it was found
-    (``"DICOM header"``, ``"given"``, ``"model"``), the raw text ``found`` and a one-line ``note``."""
+    (``"DICOM header"``, ``"given"``, ``"estimated from the image"``), the raw text ``found``, a one-line
+    ``note``, and whether a header naming another kernel ``contradicted`` a given one."""
 
     kernel: Kernel | None
     how: str
     found: str = ""
     note: str = ""
+    contradicted: bool = False
 
     def describe(self) -> str:
         if self.kernel is None:
