@@ -223,8 +223,9 @@ def test_parameter_names_bind_to_widgets_that_can_represent_them():
         assert name in params, f"SlicerParameterName {name!r} is not a parameter"
         kind = _kind(params[name])
         assert kind in CONNECTABLE.get(cls, set()), f"{name}: a {cls} cannot represent {params[name]}"
-    # parameters without a bound widget are managed by the widget code on purpose (model: combo + file)
-    assert set(params) - set(bound) == {"model"}
+    # parameters without a bound widget are managed by the widget code on purpose (model: combo + file;
+    # the kernels: combos whose item data, not text, is the value)
+    assert set(params) - set(bound) == {"model", "targetKernel", "sourceKernel"}
 
 
 # ------------------------------------------------------------------------------------- module code
