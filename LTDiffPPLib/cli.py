@@ -431,28 +431,27 @@ def _candidate(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
+def _bounded(check: Callable, bounds: tuple, what: str, name: str) -> Callable[[str], float]:
+    """An argparse type: ``check("the value", text, bounds)`` (a :mod:`LTDiffPPLib.limits` check), its
+    failure a one-line usage error naming ``what`` was expected; ``name`` is what argparse calls the type."""
+    def parse(text: str) -> float:
+        try:
+            return check("the value", text, bounds)
+        except InputError:
+            lo, hi = (f"{b:g}" if isinstance(b, float) else str(b) for b in bounds)
+            raise argparse.ArgumentTypeError(f"expected {what} from {lo} to {hi}, got {text!r}") from None
+    parse.__name__ = name
+    return parse
+
+
 def _int_in(bounds: tuple[int, int]) -> Callable[[str], int]:
     """An argparse type: a whole number within ``bounds`` (inclusive), else a one-line usage error."""
-    def parse(text: str) -> int:
-        try:
-            return limits.check_int("the value", text, bounds)
-        except InputError:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {bounds[0]} to {bounds[1]}, "
-                                             f"got {text!r}") from None
-    parse.__name__ = "integer"
-    return parse
+    return _bounded(limits.check_int, bounds, "a whole number", "integer")
 
 
 def _float_in(bounds: tuple[float, float]) -> Callable[[str], float]:
     """An argparse type: a finite number within ``bounds`` (inclusive), else a one-line usage error."""
-    def parse(text: str) -> float:
-        try:
-            return limits.check_float("the value", text, bounds)
-        except InputError:
-            raise argparse.ArgumentTypeError(f"expected a number from {bounds[0]:g} to {bounds[1]:g}, "
-                                             f"got {text!r}") from None
-    parse.__name__ = "number"
-    return parse
+    return _bounded(limits.check_float, bounds, "a number", "number")
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
