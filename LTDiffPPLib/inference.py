@@ -299,13 +299,13 @@ def standardize_volume(
         inplane = plan.pixel_mm
     out = standardize(hu, (inplane[1], inplane[0], spacing_zyx[0]), loaded, **options)
     if plan.pixel_mm is not None:
-        out = _resample_slices(out, plan.pixel_mm, (spacing_zyx[1], spacing_zyx[2]), shape=hu_shape_yx(volume, plan))
+        out = _resample_slices(out, plan.pixel_mm, (spacing_zyx[1], spacing_zyx[2]), shape=_axial_shape_yx(volume, plan))
     if plan.axes is not None:
         out = np.ascontiguousarray(out.transpose(np.argsort(plan.axes)))
     return volume.with_hu(out), plan
 
 
-def hu_shape_yx(volume: CTVolume, plan: ConversionPlan) -> tuple[int, int]:
+def _axial_shape_yx(volume: CTVolume, plan: ConversionPlan) -> tuple[int, int]:
     """(y, x) size of the input's slices in the plan's (axial) orientation."""
     shape = volume.hu.shape if plan.axes is None else tuple(volume.hu.shape[a] for a in plan.axes)
     return shape[1], shape[2]
