@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .guard import model_for_pair
 from .inference import standardize_volume
 from .io import CTVolume, write_volume
+from .kernels import get_kernel
 from .modelfile import LoadedModel, init_model, load_model, registry
 from .phantom import chest_phantom_volume
 from .simulation import ScanProtocol, simulate
@@ -96,12 +98,12 @@ def run_demo(out_dir: Path, *, shape: tuple[int, int, int] = (4, 512, 512), rois
 
 
 def _reverse_model(src_k: str, tgt_k: str) -> list[LoadedModel]:
-    """The shipped model converting ``tgt_k`` back to ``src_k``, if there is one."""
-    for e in registry()[0]:
-        if (e.source_kernel, e.target_kernel) == (tgt_k, src_k):
-            print(f"model: {e.name} ({tgt_k} -> {src_k})")
-            return [load_model(e.name)]
-    return []
+    """The shipped model converting ``tgt_k`` back to ``src_k``, if there is one (the domain guard's choice)."""
+    name = model_for_pair(get_kernel(tgt_k), get_kernel(src_k))
+    if name is None:
+        return []
+    print(f"model: {name} ({tgt_k} -> {src_k})")
+    return [load_model(name)]
 
 
 def _model(out_dir: Path) -> LoadedModel:

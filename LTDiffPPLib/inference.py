@@ -293,22 +293,15 @@ def standardize_volume(
     if plan.axes is not None:
         hu = np.ascontiguousarray(hu.transpose(plan.axes))
         spacing_zyx = tuple(spacing_zyx[a] for a in plan.axes)
-    inplane = (spacing_zyx[1], spacing_zyx[2])
+    inplane, axial_shape_yx = (spacing_zyx[1], spacing_zyx[2]), hu.shape[1:]
     if plan.pixel_mm is not None:
         hu = _resample_slices(hu, inplane, plan.pixel_mm)
-        inplane = plan.pixel_mm
-    out = standardize(hu, (inplane[1], inplane[0], spacing_zyx[0]), loaded, **options)
+    out = standardize(hu, (*(plan.pixel_mm or inplane)[::-1], spacing_zyx[0]), loaded, **options)
     if plan.pixel_mm is not None:
-        out = _resample_slices(out, plan.pixel_mm, (spacing_zyx[1], spacing_zyx[2]), shape=_axial_shape_yx(volume, plan))
+        out = _resample_slices(out, plan.pixel_mm, inplane, shape=axial_shape_yx)
     if plan.axes is not None:
         out = np.ascontiguousarray(out.transpose(np.argsort(plan.axes)))
     return volume.with_hu(out), plan
-
-
-def _axial_shape_yx(volume: CTVolume, plan: ConversionPlan) -> tuple[int, int]:
-    """(y, x) size of the input's slices in the plan's (axial) orientation."""
-    shape = volume.hu.shape if plan.axes is None else tuple(volume.hu.shape[a] for a in plan.axes)
-    return shape[1], shape[2]
 
 
 def _resample_slices(hu: np.ndarray, from_mm: tuple[float, float], to_mm: tuple[float, float],

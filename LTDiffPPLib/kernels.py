@@ -56,6 +56,16 @@ def parametric_mtf(f_mm: np.ndarray, mtf50: float, mtf10: float) -> np.ndarray:
     return np.exp(-math.log(2.0) * (np.abs(f_mm) / mtf50) ** p)
 
 
+def mtf_points(f: np.ndarray, mtf: np.ndarray, start: int = 0) -> tuple[float | None, float | None]:
+    """(MTF50, MTF10): the first frequency of ``f`` (mm⁻¹) from index ``start`` on where ``mtf`` falls
+    below 0.5 / 0.1, None where it never does."""
+    out = []
+    for level in (0.5, 0.1):
+        below = np.nonzero(mtf[start:] < level)[0]
+        out.append(None if below.size == 0 else float(f[start + below[0]]))
+    return out[0], out[1]
+
+
 @dataclass(frozen=True)
 class Kernel:
     """A reconstruction kernel of the library: FBP window W(f) = reference_window(f) · exp(log_ratio(f)).
@@ -114,12 +124,7 @@ class Kernel:
         below 0.5 / 0.1; None where that lies beyond ``f_max``."""
         f = np.linspace(0.0, f_max, 2001)
         m = self.system_mtf(f)
-        peak = int(np.argmax(m))
-        out = []
-        for level in (0.5, 0.1):
-            below = np.nonzero(m[peak:] < level)[0]
-            out.append(None if below.size == 0 else float(f[peak + below[0]]))
-        return out[0], out[1]
+        return mtf_points(f, m, start=int(np.argmax(m)))
 
 
 @lru_cache(maxsize=1)
@@ -378,11 +383,7 @@ class EdgeMTF:
 
     def points(self) -> tuple[float | None, float | None]:
         """(MTF50, MTF10) in mm⁻¹: the first frequency where the MTF falls below 0.5 / 0.1."""
-        out = []
-        for level in (0.5, 0.1):
-            below = np.nonzero(self.mtf < level)[0]
-            out.append(None if below.size == 0 else float(self.f[below[0]]))
-        return out[0], out[1]
+        return mtf_points(self.f, self.mtf)
 
 
 def edge_mtf(hu: np.ndarray, pixel_mm: float, *, max_slices: int = 5, level: float = -500.0,
