@@ -6,7 +6,10 @@ Three builders produce one format:
   kernels (e.g. Br40 and Bl64), slices paired by position along the slice normal;
 - :func:`pair_from_files` — two image files (NRRD/MHA/NIfTI) of the same scan;
 - :func:`pairs_from_simulation` — any CT volume or digital phantom, scanned by
-  :mod:`LTDiffPPLib.simulation` at one or more doses and reconstructed with both kernels.
+  :mod:`LTDiffPPLib.simulation` at one or more doses and reconstructed with both kernels;
+- :func:`scans_from_simulation` + :func:`write_multikernel_dataset` — the same, reconstructed with
+  any number of kernels: a multi-kernel dataset (format version 2) from which every ordered pair of its
+  kernels can be drawn, as the kernel-conditioned model is trained.
 
 A dataset is a folder::
 
@@ -15,6 +18,9 @@ A dataset is a folder::
                             "spacing_mm" (x, y, z), "dose", "thickness_mm", "source", "target", "provenance"}]}
     arrays/<id>_source.npy int16 HU, (z, y, x) — open with np.load(mmap_mode="r") for random patch access
     arrays/<id>_target.npy
+
+A multi-kernel dataset (``format_version`` 2) has ``"kernels": [names]`` and ``"scans"`` instead of
+``"pairs"``, each with ``"images": {kernel: "arrays/<id>_<kernel>.npy"}`` in place of source/target.
 
 Train/validation/test subsets are assigned by patient (never by slice or by volume of one patient), so
 no patient's anatomy is seen in two subsets. The folder is written atomically.
@@ -38,6 +44,7 @@ from .simulation import ScanProtocol, simulate
 
 FORMAT = "ltdiffpp-dataset"
 FORMAT_VERSION = 1
+MULTIKERNEL_VERSION = 2
 SPLITS = ("train", "val", "test")
 _POS_TOL_MM = 0.01
 
@@ -178,6 +185,40 @@ def pairs_from_simulation(
     return pairs
 
 
+@dataclass
+class Scan:
+    """One scan reconstructed with several kernels: ``volumes`` maps kernel name → volume, all on one grid."""
+
+    patient: str
+    volumes: dict[str, CTVolume]
+    kind: str  # "simulated"
+    dose: float | None = None
+    thickness_mm: float | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def scans_from_simulation(
+    volume: CTVolume,
+    patient: str,
+    kernels: Sequence[str],
+    *,
+    doses: Sequence[float] = (2.0e5,),
+    thickness_mm: float | None = None,
+    views: int = 720,
+    seed: int = 0,
+    workers: int | None = None,
+) -> list[Scan]:
+    """One simulated scan per dose, its noisy raw data reconstructed with every kernel in ``kernels``.
+    With the same seed, the images equal those :func:`pairs_from_simulation` makes for any two of them."""
+    scans = []
+    for j, dose in enumerate(doses):
+        res = simulate(volume, list(kernels), protocol=ScanProtocol(dose=dose, views=views),
+                       thickness_mm=thickness_mm, seed=seed + 1000 * j, workers=workers)
+        scans.append(Scan(patient, dict(res.volumes), "simulated", dose=dose, thickness_mm=thickness_mm,
+                          provenance=dict(res.provenance)))
+    return scans
+
+
 # ------------------------------------------------------------------------------------ split & writing
 
 
@@ -249,6 +290,59 @@ def write_dataset(
     return out_dir
 
 
+def write_multikernel_dataset(
+    scans: Sequence[Scan],
+    out_dir: str | os.PathLike,
+    *,
+    splits: Mapping[str, str] | None = None,
+    val: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``scans`` (every one with the same kernels) as a multi-kernel dataset folder, atomically;
+    subsets by patient as in :func:`write_dataset`. Returns its path."""
+    if not scans:
+        raise InputError("no scans to write")
+    kernels = list(scans[0].volumes)
+    if len(kernels) < 2:
+        raise InputError(f"a multi-kernel dataset needs two or more kernels, got {kernels}")
+    odd = [s.patient for s in scans if list(s.volumes) != kernels]
+    if odd:
+        raise InputError(f"every scan must hold the kernels {kernels}; {odd[:3]} do not")
+    bad = {p: v for p, v in (splits or {}).items() if v not in SPLITS}
+    if bad:
+        raise InputError(f"unknown subsets {bad}; use one of {', '.join(SPLITS)}")
+    split = split_by_patient((s.patient for s in scans if s.patient not in (splits or {})), val=val, test=test, seed=seed)
+    split.update(splits or {})
+    out_dir = Path(out_dir)
+    entries = []
+    with atomic_output(out_dir, overwrite=overwrite, is_dir=True) as tmp:
+        (tmp / "arrays").mkdir()
+        for i, sc in enumerate(scans):
+            first = sc.volumes[kernels[0]]
+            for k in kernels[1:]:
+                check_same_grid(first, sc.volumes[k], what=f"scan {i} (patient {sc.patient}, kernel {k})")
+            sid = f"{i:05d}_{_safe(sc.patient)}"
+            images = {}
+            for k in kernels:
+                images[k] = f"arrays/{sid}_{_safe(k)}.npy"
+                np.save(tmp / images[k], _to_int16(sc.volumes[k].hu))
+            entries.append({
+                "id": sid, "patient": sc.patient, "split": split[sc.patient], "kind": sc.kind,
+                "shape": list(first.hu.shape), "spacing_mm": list(first.spacing),
+                "origin_mm": list(first.origin), "direction": list(first.direction),
+                "dose": sc.dose, "thickness_mm": sc.thickness_mm, "images": images, "provenance": sc.provenance,
+            })
+        manifest = {
+            "format": FORMAT, "format_version": MULTIKERNEL_VERSION, "kernels": kernels,
+            "split": {"val": val, "test": test, "seed": seed, "by": "patient", "fixed": dict(splits or {})},
+            "scans": entries,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir
+
+
 def _safe(name: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40]
     return keep or hashlib.sha1(name.encode()).hexdigest()[:8]
@@ -263,23 +357,42 @@ def _to_int16(hu: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Dataset:
-    """A dataset folder: its manifest, and memory-mapped access to each pair's arrays."""
+    """A dataset folder: its manifest, and memory-mapped access to each entry's arrays. The entries are
+    pairs (format version 1) or multi-kernel scans (version 2); either way ``pairs`` lists them."""
 
     root: Path
     manifest: dict[str, Any]
 
     @property
+    def multikernel(self) -> bool:
+        return self.manifest.get("format_version") == MULTIKERNEL_VERSION
+
+    @property
+    def kernels(self) -> list[str]:
+        """The kernels of every entry: [source, target] of a paired dataset, all of a multi-kernel one."""
+        if self.multikernel:
+            return list(self.manifest["kernels"])
+        return [self.manifest["source_kernel"], self.manifest["target_kernel"]]
+
+    @property
     def pairs(self) -> list[dict[str, Any]]:
-        return self.manifest["pairs"]
+        return self.manifest["scans" if self.multikernel else "pairs"]
 
     def subset(self, split: str) -> list[dict[str, Any]]:
         if split not in SPLITS:
             raise InputError(f"unknown split {split!r}; choose one of {SPLITS}")
         return [p for p in self.pairs if p["split"] == split]
 
-    def arrays(self, pair: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """(source, target) int16 HU arrays (z, y, x), memory-mapped read-only."""
-        return (np.load(self.root / pair["source"], mmap_mode="r"), np.load(self.root / pair["target"], mmap_mode="r"))
+    def arrays(self, pair: dict[str, Any], kernels: tuple[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(source, target) int16 HU arrays (z, y, x), memory-mapped read-only. ``kernels`` = (source,
+        target) names which of a multi-kernel scan's images to pair (required there)."""
+        if not self.multikernel:
+            if kernels is not None and tuple(kernels) != tuple(self.kernels):
+                raise InputError(f"{self.root}: a {self.kernels[0]} → {self.kernels[1]} dataset has no {kernels} pair")
+            return (np.load(self.root / pair["source"], mmap_mode="r"), np.load(self.root / pair["target"], mmap_mode="r"))
+        if kernels is None or any(k not in pair["images"] for k in kernels):
+            raise InputError(f"{self.root}: name two of the multi-kernel dataset's kernels {self.kernels} (got {kernels})")
+        return tuple(np.load(self.root / pair["images"][k], mmap_mode="r") for k in kernels)  # type: ignore[return-value]
 
 
 def load_dataset(path: str | os.PathLike) -> Dataset:
@@ -289,10 +402,14 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         manifest = json.loads((root / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{root}: not a readable LTDiffPP dataset ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in (FORMAT_VERSION, MULTIKERNEL_VERSION):
         raise InputError(f"{root}: dataset format {manifest.get('format')!r} version {manifest.get('format_version')!r}"
-                         f" is not {FORMAT!r} version {FORMAT_VERSION}")
-    missing = [p[r] for p in manifest["pairs"] for r in ("source", "target") if not (root / p[r]).is_file()]
+                         f" is not {FORMAT!r} version {FORMAT_VERSION} or {MULTIKERNEL_VERSION}")
+    if manifest["format_version"] == MULTIKERNEL_VERSION:
+        files = [f for sc in manifest["scans"] for f in sc["images"].values()]
+    else:
+        files = [p[r] for p in manifest["pairs"] for r in ("source", "target")]
+    missing = [f for f in files if not (root / f).is_file()]
     if missing:
         raise InputError(f"{root}: dataset is incomplete, missing {missing[:3]}{' …' if len(missing) > 3 else ''}")
     return Dataset(root, manifest)

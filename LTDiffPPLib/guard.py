@@ -36,7 +36,7 @@ import numpy as np
 from .errors import InputError
 from .io import CTVolume
 from .kernels import (ImageKernelEstimate, Kernel, KernelEvidence, find_kernel, get_kernel, identify_kernel_from_image,
-                      kernel_from_dicom)
+                      kernel_from_dicom, ordered_pairs, same_response)
 from .modelcard import read_metadata, registry, resolve_model
 
 #: Smallest slice (pixels along y and along x) converted. Measured on crops of the real test1 slice
@@ -91,22 +91,44 @@ class ConversionPlan:
         return out
 
 
+#: source and target kernel of a kernel-conditioned model's metadata and registry entry
+ANY_KERNEL = "any"
+
+
+def conditioned_kernels(meta: dict[str, Any]) -> list[str] | None:
+    """The kernels a kernel-conditioned model converts between (from its metadata), or None for a model of
+    one fixed pair."""
+    if not meta.get("config", {}).get("kernel_conditioned"):
+        return None
+    return list(meta.get("kernels") or [])
+
+
 def registered_pairs() -> list[tuple[str, str, str]]:
-    """(model name, source kernel, target kernel) of every registered model."""
+    """(model name, source kernel, target kernel) of every registered model, in registry order; a
+    kernel-conditioned model contributes every ordered pair of its kernels."""
     entries, _ = registry()
-    return [(e.name, e.source_kernel, e.target_kernel) for e in entries]
+    out = []
+    for e in entries:
+        if e.source_kernel == ANY_KERNEL:
+            out += [(e.name, s, t) for s, t in ordered_pairs(list(e.kernels))]
+        else:
+            out.append((e.name, e.source_kernel, e.target_kernel))
+    return out
 
 
-def _same_response(a: Kernel, b: Kernel) -> bool:
-    """The same kernel, or one declared equivalent to the other."""
-    return a.name == b.name or a.equivalent_to == b.name or b.equivalent_to == a.name
+def shipped_pairs_text() -> str:
+    """The registered conversions in a few words, for messages."""
+    entries, _ = registry()
+    parts = [f"any two of {', '.join(e.kernels)} ({e.name})" if e.source_kernel == ANY_KERNEL
+             else f"{e.source_kernel}->{e.target_kernel}" for e in entries]
+    return ", ".join(parts)
 
 
 def model_for_pair(source: Kernel, target: Kernel) -> str | None:
     """The registered model converting ``source`` → ``target`` (or a kernel declared equivalent), or None."""
     for name, s, t in registered_pairs():
         ks, kt = find_kernel(s), find_kernel(t)
-        if ks is not None and kt is not None and _same_response(ks, source) and _same_response(kt, target):
+        if ks is not None and kt is not None and same_response(ks, source) and same_response(kt, target):
             return name
     return None
 
@@ -121,7 +143,7 @@ def source_evidence(volume: CTVolume, source_kernel: str | None = None) -> Kerne
         given = get_kernel(source_kernel)
         note = ""
         if from_header.kernel is not None and from_header.kernel.has_response:
-            if not _same_response(from_header.kernel, given):
+            if not same_response(from_header.kernel, given):
                 return KernelEvidence(given, "given", source_kernel, f"the header says {from_header.kernel.name}",
                                       contradicted=True)
         elif from_header.found:  # a header kernel without a known response: the given one stands in for it
@@ -187,22 +209,30 @@ def plan_conversion(volume: CTVolume, target_kernel: str | None = None, source_k
         (overridden if force else problems).append(text)
 
     meta = _model_meta(model) if model is not None else None
+    trained = conditioned_kernels(meta) if meta is not None else None  # a kernel-conditioned model's kernels
     if target_kernel:
         target = get_kernel(target_kernel)
+    elif trained is not None:
+        raise DomainError(f"model {model} converts between any two of {', '.join(trained)}: give the target kernel "
+                          "(--target-kernel NAME)")
     elif meta is not None:
         target = get_kernel(meta["target_kernel"])
     else:
         _, default = registry()
         target = get_kernel(_model_meta(default)["target_kernel"])
-    if meta is not None and not _same_response(get_kernel(meta["target_kernel"]), target):
+    if trained is not None:
+        if not any(same_response(get_kernel(k), target) for k in trained):
+            raise DomainError(f"model {model} converts between {', '.join(trained)}, not to {target.name}; "
+                              f"leave out --model to pick the model for the kernel pair")
+    elif meta is not None and not same_response(get_kernel(meta["target_kernel"]), target):
         raise DomainError(f"model {model} converts to {meta['target_kernel']}, not to {target.name}; "
                           f"leave out --model to pick the model for the kernel pair")
 
     source = source_evidence(volume, source_kernel)
     if source.kernel is None:
-        fallback = get_kernel(meta["source_kernel"]) if meta is not None else None
+        fallback = get_kernel(meta["source_kernel"]) if meta is not None and trained is None else None
         if fallback is None:
-            pair = [p for p in registered_pairs() if _same_response(get_kernel(p[2]), target)]
+            pair = [p for p in registered_pairs() if same_response(get_kernel(p[2]), target)]
             fallback = get_kernel(pair[0][1]) if len(pair) == 1 else None
         hint = ("pass --source-kernel NAME (`ltdiffpp kernels` lists the library)"
                 + (f", or --force to treat it as {fallback.name}" if fallback is not None else ""))
@@ -221,19 +251,21 @@ def plan_conversion(volume: CTVolume, target_kernel: str | None = None, source_k
                 "as --source-kernel")
         raise DomainError(f"{name}: source kernel {source.describe()} has no known frequency response, so no model "
                           f"can convert it{hint}")
-    if _same_response(source.kernel, target):
+    if same_response(source.kernel, target):
         raise NothingToConvert(f"{name} is already {target.name} ({source.describe()}); nothing to convert")
 
     if meta is not None:
         model_name = str(model)
-        if not _same_response(get_kernel(meta["source_kernel"]), source.kernel):
+        if trained is not None:
+            if not any(same_response(get_kernel(k), source.kernel) for k in trained):
+                problem(f"model {model} converts between {', '.join(trained)}, but the input is {source.describe()}")
+        elif not same_response(get_kernel(meta["source_kernel"]), source.kernel):
             problem(f"model {model} converts from {meta['source_kernel']}, but the input is {source.describe()}")
     else:
         found = model_for_pair(source.kernel, target)
         if found is None:
-            pairs = ", ".join(f"{s}->{t}" for _, s, t in registered_pairs())
             raise DomainError(f"{name}: no shipped model converts {source.kernel.name} -> {target.name} "
-                              f"(source: {source.describe()}); the shipped models convert {pairs}")
+                              f"(source: {source.describe()}); the shipped models convert {shipped_pairs_text()}")
         model_name = found
         meta = _model_meta(found)
 

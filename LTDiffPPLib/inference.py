@@ -118,6 +118,9 @@ def standardize(
     net = loaded.net.to(dev)
     meta = loaded.metadata
     cfg = loaded.config
+    if cfg.kernel_conditioned and net.pair is None:
+        raise InputError(f"{loaded.path.name} converts between many kernels: set the pair first "
+                         "(model.net.set_pair(source, target)), or use standardize_volume with a target kernel")
     steps = int(meta["sampling"]["steps"] if steps is None else steps)
     solver = solver or meta["sampling"]["solver"]
     if solver not in SOLVERS:
@@ -288,6 +291,8 @@ def standardize_volume(
         model_ref = model.path if isinstance(model, LoadedModel) else model
         plan = plan_conversion(volume, target_kernel, source_kernel, model_ref, force)
     loaded = model if isinstance(model, LoadedModel) else load_model(plan.model)
+    if loaded.net.config.kernel_conditioned:  # one model for many pairs: convert the planned one
+        loaded.net.set_pair(plan.source.kernel, plan.target)
     hu = volume.hu
     spacing_zyx = (volume.spacing[2], volume.spacing[1], volume.spacing[0])
     if plan.axes is not None:

@@ -311,6 +311,17 @@ def kernel_from_dicom(manufacturer: object, convolution_kernel: object) -> Kerne
                           f"{who} matches several library kernels ({', '.join(k.name for k in hits)}); give the source kernel")
 
 
+def same_response(a: Kernel, b: Kernel) -> bool:
+    """The same kernel, or one declared equivalent to the other (e.g. B31f and B30f)."""
+    return a.name == b.name or a.equivalent_to == b.name or b.equivalent_to == a.name
+
+
+def ordered_pairs(kernels: Sequence[str]) -> list[tuple[str, str]]:
+    """Every ordered (source, target) pair of the named kernels whose responses differ."""
+    ks = [get_kernel(k) for k in kernels]
+    return [(a.name, b.name) for a in ks for b in ks if not same_response(a, b)]
+
+
 def pair_gain(source: Kernel, target: Kernel, f_mm: np.ndarray, floor: float = 0.05, max_gain: float = 50.0) -> np.ndarray:
     """The linear kernel conversion G(f) = W_target(f) / W_source(f) (f in mm⁻¹), regularized where the
     source passes little: W_source is floored at ``floor`` × its peak (a Wiener-like guard against

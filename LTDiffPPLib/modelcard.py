@@ -77,6 +77,8 @@ class RegistryEntry:
     source_kernel: str
     target_kernel: str
     description: str = ""
+    #: a kernel-conditioned model (source and target ``"any"``): the kernels it converts between
+    kernels: tuple[str, ...] = ()
 
     @property
     def path(self) -> Path:
@@ -88,7 +90,7 @@ def registry(path: str | os.PathLike | None = None) -> tuple[list[RegistryEntry]
     path = REGISTRY_PATH if path is None else path
     try:
         data = json.loads(Path(path).read_text())
-        entries = [RegistryEntry(**e) for e in data["models"]]
+        entries = [RegistryEntry(**{k: tuple(v) if k == "kernels" else v for k, v in e.items()}) for e in data["models"]]
         default = data.get("default")
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ModelFileError(f"{path}: model registry is unreadable ({exc})") from None

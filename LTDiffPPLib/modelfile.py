@@ -5,12 +5,15 @@ A model file is one ``.safetensors`` file. Its header's ``__metadata__`` holds
 
 - ``config``: the architecture (:class:`LTDiffPPLib.models.ModelConfig` as a dict; its ``variant`` says
   whether it is LTDiff++ or one of the paper's comparison models, ``"ltdiff++"`` when absent),
-- ``source_kernel`` / ``target_kernel``: names of the kernels it converts from / to,
+- ``source_kernel`` / ``target_kernel``: names of the kernels it converts from / to; ``"any"`` for a
+  kernel-conditioned model (``config.kernel_conditioned``), whose ``kernels`` lists the kernels it converts
+  between (any ordered pair of them),
 - ``hu``: HU normalization ``{"center", "scale", "min", "max"}``: network input = (clip(HU, min, max) − center) / scale,
 - ``latent``: per-channel ``mean`` and ``std`` of the encoder output (and ``residual_std`` of the
   residual latent when the kernel prior is on),
 - ``kernel_prior`` (when ``config.kernel_prior``): the fitted radial gain, ``{"frequency_step_per_mm",
-  "gain", ...}`` (see :class:`LTDiffPPLib.models.KernelPrior`),
+  "gain", ...}`` (see :class:`LTDiffPPLib.models.KernelPrior`); a kernel-conditioned model has no gain
+  here (each pair's comes from the kernel library),
 - ``sampling``: defaults ``{"steps", "solver", "grid"}`` (see :mod:`LTDiffPPLib.sampler`),
 - ``pixel_spacing_mm``: ``[min, max]`` in-plane spacing seen in training (a warning outside it),
 - ``training``: free-form summary (data, hardware, wall time, validation CCC), ``name``, ``description``.
@@ -109,7 +112,13 @@ def save_model(
     meta = dict(metadata)
     meta["config"] = net.config.to_dict()
     meta["latent"] = {"mean": net.latent_mean.tolist(), "std": net.latent_std.tolist()}
-    if net.prior is not None:
+    if net.prior is not None and net.config.kernel_conditioned:  # the gain is the library's, per pair
+        meta["latent"]["residual_std"] = net.residual_std.tolist()
+        meta["kernel_prior"] = {k: v for k, v in meta.get("kernel_prior", {}).items() if k != "gain"}
+        meta["kernel_prior"]["frequency_step_per_mm"] = net.prior.step
+        if not meta.get("kernels"):
+            raise ModelFileError(f"{path}: a kernel-conditioned model's metadata must list its kernels")
+    elif net.prior is not None:
         meta["latent"]["residual_std"] = net.residual_std.tolist()
         meta["kernel_prior"] = {**meta.get("kernel_prior", {}), "frequency_step_per_mm": net.prior.step,
                                 "gain": [round(float(g), 6) for g in net.prior.gain]}
@@ -275,7 +284,8 @@ def load_model(model: str | os.PathLike, *, device: str | torch.device = "cpu", 
         net.set_latent_stats(meta["latent"]["mean"], meta["latent"]["std"])
         if net.prior is not None:
             net.set_residual_std(meta["latent"]["residual_std"])
-            net.prior.set_gain(meta["kernel_prior"]["gain"], meta["kernel_prior"]["frequency_step_per_mm"])
+            if not cfg.kernel_conditioned:  # a conditioned model's gain is set per pair (set_pair)
+                net.prior.set_gain(meta["kernel_prior"]["gain"], meta["kernel_prior"]["frequency_step_per_mm"])
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise ModelFileError(f"{path}: weights do not match the architecture in its metadata ({exc})") from None
     net.eval().to(device)

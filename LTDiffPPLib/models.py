@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,6 +79,10 @@ class ModelConfig:
     ``schedule``: noise schedule name (see :mod:`LTDiffPPLib.sampler`).
     ``kernel_prior``: convert as the residual over a fitted linear kernel filter (module docstring);
     only for the latent-diffusion variants.
+    ``kernel_conditioned``: one model for every pair of library kernels (needs ``kernel_prior``): the
+    prior is the library's G = W_target / W_source of the pair (:func:`LTDiffPPLib.kernels.pair_gain`)
+    and the denoiser is conditioned on the pair's code (:func:`pair_code`); set the pair with
+    :meth:`LTDiffPPNet.set_pair` before converting.
     ``variant``: one of :data:`VARIANTS` (module docstring); absent from a stored dict means
     ``"ltdiff++"``. Fields a variant does not use are kept but ignored (``den_*`` for ``"unet++"``,
     ``ae_*`` for ``"pixel-ddpm"``).
@@ -96,6 +101,7 @@ class ModelConfig:
     schedule: str = "cosine"
     kernel_prior: bool = False
     variant: str = "ltdiff++"
+    kernel_conditioned: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -105,6 +111,8 @@ class ModelConfig:
         if self.kernel_prior and not self.latent_diffusion:
             raise ValueError(f"kernel_prior needs a latent diffusion model ('ltdiff++' or 'single-scale-ldm'), "
                              f"not variant {self.variant!r}")
+        if self.kernel_conditioned and not self.kernel_prior:
+            raise ValueError("kernel_conditioned needs kernel_prior (the pair's library gain is its prior)")
         if not self.has_autoencoder and self.latent_channels != self.patch**2:
             raise ValueError(f"variant 'pixel-ddpm' diffuses the pixel-unshuffled image: latent_channels must be "
                              f"patch² = {self.patch**2}, not {self.latent_channels}")
@@ -147,6 +155,28 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kw)
+
+
+# ---------------------------------------------------------------------------------------- kernel pair
+
+#: frequencies (mm⁻¹) at which a kernel pair is described to a kernel-conditioned denoiser
+PAIR_FREQUENCIES_MM = tuple(float(f) for f in np.linspace(0.05, 0.8, 16))
+PAIR_CODE_SIZE = 2 * len(PAIR_FREQUENCIES_MM)
+_LOG_CLIP = 4.0
+
+
+def pair_code(source: Any, target: Any) -> np.ndarray:
+    """The description of a kernel pair a kernel-conditioned denoiser sees (float32, PAIR_CODE_SIZE,):
+    log G = log(W_target / W_source) (regularized, :func:`LTDiffPPLib.kernels.pair_gain`) and log W_target
+    at :data:`PAIR_FREQUENCIES_MM`, each clipped to ±4. ``source`` / ``target``: library names or kernels."""
+    from .kernels import get_kernel, pair_gain
+
+    ks = source if hasattr(source, "window") else get_kernel(source)
+    kt = target if hasattr(target, "window") else get_kernel(target)
+    f = np.asarray(PAIR_FREQUENCIES_MM)
+    log_g = np.log(pair_gain(ks, kt, f))
+    log_wt = np.log(np.maximum(kt.window(f), np.exp(-_LOG_CLIP)))
+    return np.clip(np.concatenate([log_g, log_wt]), -_LOG_CLIP, _LOG_CLIP).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------- blocks
@@ -325,6 +355,9 @@ class LatentDenoiser(nn.Module):
         c, w, g, td = cfg.latent_channels, cfg.den_widths, cfg.groups, cfg.time_dim
         self.time_dim = td
         self.time_mlp = nn.Sequential(nn.Linear(td, td), nn.SiLU(), nn.Linear(td, td))
+        # a kernel-conditioned model adds an embedding of the pair's code to the time embedding
+        self.pair_mlp = (nn.Sequential(nn.Linear(PAIR_CODE_SIZE, td), nn.SiLU(), nn.Linear(td, td))
+                         if cfg.kernel_conditioned else None)
         self.inp = nn.Conv2d(2 * c, w[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -357,8 +390,14 @@ class LatentDenoiser(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                pair: torch.Tensor | None = None) -> torch.Tensor:
+        """``pair``: the kernel pair's code (1 or B, PAIR_CODE_SIZE) of a kernel-conditioned model."""
         temb = self.time_mlp(timestep_embedding(t, self.time_dim).to(z_t.dtype))
+        if self.pair_mlp is not None:
+            if pair is None:
+                raise ValueError("a kernel-conditioned denoiser needs the kernel pair (LTDiffPPNet.set_pair)")
+            temb = temb + self.pair_mlp(pair.to(temb.dtype)).expand_as(temb)
         h = self.inp(torch.cat([z_t, cond], dim=1))
         skips = []
         for i, level in enumerate(self.down_blocks):
@@ -458,6 +497,24 @@ class LTDiffPPNet(nn.Module):
         self.register_buffer("latent_std", torch.ones(cfg.latent_channels), persistent=False)
         self.register_buffer("residual_std", torch.ones(cfg.latent_channels), persistent=False)
         self.prior = KernelPrior() if cfg.kernel_prior else None
+        self.register_buffer("pair_code", torch.zeros(1, PAIR_CODE_SIZE), persistent=False)
+        self.pair: tuple[str, str] | None = None  # (source, target) set by set_pair (kernel-conditioned)
+
+    def set_pair(self, source: Any, target: Any) -> None:
+        """Make a kernel-conditioned model convert ``source`` → ``target`` (library names or kernels):
+        installs the library gain of the pair as the prior and the pair's code for the denoiser."""
+        from .kernels import get_kernel, pair_gain
+
+        if not self.config.kernel_conditioned:
+            raise ValueError("set_pair is for kernel-conditioned models; this model converts one fixed pair")
+        ks = source if hasattr(source, "window") else get_kernel(source)
+        kt = target if hasattr(target, "window") else get_kernel(target)
+        if not (ks.has_response and kt.has_response):
+            raise ValueError(f"kernels without a frequency response cannot be converted ({ks.name} → {kt.name})")
+        f = np.arange(self.prior.gain.numel()) * self.prior.step
+        self.prior.set_gain(torch.from_numpy(pair_gain(ks, kt, f)).float(), self.prior.step)
+        self.pair_code = torch.from_numpy(pair_code(ks, kt))[None].to(self.latent_mean.device)
+        self.pair = (ks.name, kt.name)
 
     def set_latent_stats(self, mean: torch.Tensor | list[float], std: torch.Tensor | list[float]) -> None:
         mean = torch.as_tensor(mean, dtype=torch.float32)
@@ -526,6 +583,10 @@ class LTDiffPPNet(nn.Module):
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Denoiser output (v or x0, per ``config.prediction``) for noisy latent z_t at time t given cond."""
         self._require_diffusion()
+        if self.config.kernel_conditioned:
+            if self.pair is None:
+                raise ValueError("a kernel-conditioned model converts the pair set by set_pair(source, target); none is set")
+            return self.denoiser(z_t, t, cond, self.pair_code)
         return self.denoiser(z_t, t, cond)
 
     def _require_diffusion(self) -> None:

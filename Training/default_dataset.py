@@ -1,7 +1,8 @@
 """The recipe of the default model's training data: ``python -m Training.default_dataset OUT [--kernels B30f,B70f]``.
 
 Simulated B30f → B70f pairs (:mod:`LTDiffPPLib.simulation`, kernels calibrated on the real test1 pair;
-``--kernels B30f,B50f`` makes the same scans with another target kernel),
+``--kernels B30f,B50f`` makes the same scans with another target kernel; three or more kernels make a
+multi-kernel dataset, every scan reconstructed with each of them, for the kernel-conditioned model),
 all at 0.7 mm pixels, the pixel size of the real validation pair (0.693 mm) — kernel texture is
 measured in cycles/mm, so the model is trained at the pixel size it is meant for:
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from LTDiffPPLib.datasets import Pair, pairs_from_simulation, write_dataset
+from LTDiffPPLib.datasets import Pair, Scan, pairs_from_simulation, scans_from_simulation, write_dataset, write_multikernel_dataset
 from LTDiffPPLib.io import CTVolume, read_dicom_series, resample_inplane
 from LTDiffPPLib.phantom import ChestPhantomOptions, chest_phantom_volume
 
@@ -47,22 +48,29 @@ def _every(volume: CTVolume, step: int, start: int) -> CTVolume:
                    origin=tuple(np.asarray(volume.origin) + start * sz * normal))
 
 
-def build(shared_data: Path, out: Path, *, kernels: tuple[str, str] = KERNELS, test_only: bool = False,
+def build(shared_data: Path, out: Path, *, kernels: tuple[str, ...] = KERNELS, test_only: bool = False,
           workers: int | None = None, overwrite: bool = False) -> Path:
     """Simulate every (source, target) = ``kernels`` pair and write the dataset folder ``out``; returns its path.
+    With three or more ``kernels``, each scan is reconstructed with all of them (a multi-kernel dataset).
     ``test_only``: only the held-out test pair (about a minute), e.g. for evaluations of a trained model.
 
     The seeds do not depend on the kernels: datasets of different target kernels hold the same noisy
     scans, so their source images are identical."""
-    pairs: list[Pair] = []
+    multi = len(kernels) > 2
+
+    def scan(vol: CTVolume, patient: str, dose: float, seed: int) -> list[Pair | Scan]:
+        if multi:
+            return scans_from_simulation(vol, patient, kernels, doses=(dose,), seed=seed, workers=workers)
+        return pairs_from_simulation(vol, patient, *kernels, doses=(dose,), seed=seed, workers=workers)
+
+    pairs: list[Pair | Scan] = []
     splits: dict[str, str] = {}
     if not test_only:  # the train and val splits
         chest = resample_inplane(read_dicom_series(shared_data / "chest_ct" / "itkelastix_philips_C"), PIXEL_MM, SIZE)
         for j, dose in enumerate(CHEST_DOSES):
             part = _every(chest, len(CHEST_DOSES), j)
             print(f"chest CT: {part.hu.shape[0]} slices at {dose:.3g} photons/ray", flush=True)
-            pairs += pairs_from_simulation(part, "philips-chest", *kernels, doses=(dose,), seed=100 + j,
-                                           workers=workers)
+            pairs += scan(part, "philips-chest", dose, 100 + j)
         splits["philips-chest"] = "train"
         for i in range(TRAIN_PHANTOMS + VAL_PHANTOMS):
             level = PHANTOM_LEVELS_MM[i % len(PHANTOM_LEVELS_MM)]
@@ -70,14 +78,15 @@ def build(shared_data: Path, out: Path, *, kernels: tuple[str, str] = KERNELS, t
                                        options=ChestPhantomOptions(z_center_mm=level))
             dose = PHANTOM_DOSES[i % len(PHANTOM_DOSES)]
             print(f"phantom {i}: level {level:+.0f} mm at {dose:.3g} photons/ray", flush=True)
-            pairs += pairs_from_simulation(vol, f"phantom-{i}", *kernels, doses=(dose,), seed=200 + i,
-                                           workers=workers)
+            pairs += scan(vol, f"phantom-{i}", dose, 200 + i)
             splits[f"phantom-{i}"] = "train" if i < TRAIN_PHANTOMS else "val"
     abdomen = resample_inplane(read_dicom_series(shared_data / "chest_ct" / "totalsegmentator_siemens_Br38f"), PIXEL_MM, SIZE)
     print(f"held-out test: Siemens Br38f, {abdomen.hu.shape[0]} slices at {TEST_DOSE:.3g} photons/ray", flush=True)
-    pairs += pairs_from_simulation(abdomen, "siemens-br38f", *kernels, doses=(TEST_DOSE,), seed=300, workers=workers)
+    pairs += scan(abdomen, "siemens-br38f", TEST_DOSE, 300)
     splits["siemens-br38f"] = "test"
-    return write_dataset(pairs, out, splits=splits, overwrite=overwrite)
+    if multi:
+        return write_multikernel_dataset(pairs, out, splits=splits, overwrite=overwrite)  # type: ignore[arg-type]
+    return write_dataset(pairs, out, splits=splits, overwrite=overwrite)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path, help="dataset folder to create")
     ap.add_argument("--shared-data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
                     help="the folder holding chest_ct/ (default: ../shared/data beside the repository)")
-    ap.add_argument("--kernels", default=",".join(KERNELS), help="source,target (default: %(default)s)")
+    ap.add_argument("--kernels", default=",".join(KERNELS),
+                    help="source,target (default: %(default)s), or three or more kernels for a multi-kernel dataset")
     ap.add_argument("--test-only", action="store_true", help="only the held-out test split (the Siemens volume)")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--overwrite", action="store_true")
@@ -94,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {a.shared_data / 'chest_ct'} not found; pass --shared-data", file=sys.stderr)
         return 2
     kernels = tuple(k.strip() for k in a.kernels.split(","))
-    if len(kernels) != 2:
-        ap.error(f"--kernels takes two names, source,target (got {a.kernels!r})")
+    if len(kernels) < 2 or len(set(kernels)) != len(kernels):
+        ap.error(f"--kernels takes two or more distinct names (got {a.kernels!r})")
     print(build(a.shared_data, a.out, kernels=kernels, test_only=a.test_only, workers=a.workers, overwrite=a.overwrite))
     return 0
 

@@ -7,6 +7,10 @@
 With ``model.kernel_prior`` the kernel ratio is first fitted on the training pairs
 (:func:`LTDiffPPLib.baselines.kernel_ratio_from_dataset`) and phases 2–3 learn the residual over the
 filtered source (:mod:`LTDiffPPLib.models`); after phase 1 the residual latent's std is measured too.
+With ``model.kernel_conditioned`` (a multi-kernel dataset) nothing is fitted: every batch is one ordered
+pair of the dataset's kernels (:meth:`Training.data.PatchSampler.pair_of`), and the model is set to it
+(:meth:`LTDiffPPLib.models.LTDiffPPNet.set_pair`: the library's gain as prior, the pair's code for the
+denoiser) before the batch's forward pass.
 ``autoencoder_from`` starts at phase 2 with the autoencoder (and latent statistics) of an earlier run.
 
 The paper's comparison models (``model.variant``) train with the same loop, running only their phases
@@ -41,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from LTDiffPPLib.datasets import load_dataset
+from LTDiffPPLib.guard import ANY_KERNEL
+from LTDiffPPLib.kernels import ordered_pairs
 from LTDiffPPLib.inference import autocast_for, pick_device
 from LTDiffPPLib.io import cpu_name
 from LTDiffPPLib.modelfile import default_metadata, save_model
@@ -142,22 +148,35 @@ class Trainer:
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         dataset = load_dataset(cfg.dataset)
-        self.kernels = (dataset.manifest["source_kernel"], dataset.manifest["target_kernel"])
+        self.conditioned = cfg.model_config.kernel_conditioned
+        if self.conditioned != dataset.multikernel:
+            raise ValueError(f"dataset {cfg.dataset}: a kernel-conditioned model trains on a multi-kernel dataset, "
+                             f"a model of one pair on a paired one (model.kernel_conditioned is {self.conditioned})")
+        self.kernels = tuple(dataset.kernels)
+        # the pairs drawn: every ordered pair of the dataset's kernels (different responses) or its one pair
+        kernel_pairs = ordered_pairs(self.kernels) if self.conditioned else None
         self.dataset_summary = {"path": str(cfg.dataset), "pairs": len(dataset.pairs),
                                 "train_pairs": len(dataset.subset("train")), "val_pairs": len(dataset.subset("val"))}
         cfg.validate()
         torch.manual_seed(cfg.seed)
         self.net = LTDiffPPNet(cfg.model_config).to(self.device)
-        self.meta = default_metadata(cfg.model_config, name=cfg.export_name, source_kernel=self.kernels[0],
-                                     target_kernel=self.kernels[1], description=cfg.description)
+        pair = (ANY_KERNEL, ANY_KERNEL) if self.conditioned else self.kernels
+        self.meta = default_metadata(cfg.model_config, name=cfg.export_name, source_kernel=pair[0],
+                                     target_kernel=pair[1], description=cfg.description)
+        if self.conditioned:
+            self.meta["kernels"] = list(self.kernels)
         self.meta["sampling"] = {**self.meta["sampling"], **cfg.sampling}
         inplane = [s for p in dataset.subset("train") for s in p["spacing_mm"][:2]]
         self.meta["pixel_spacing_mm"] = [round(min(inplane), 4), round(max(inplane), 4)]
         self.pixel_mm = (float(np.mean(inplane)),) * 2  # (dy, dx) of the training patches
-        if self.net.prior is not None:
+        if self.conditioned:
+            self.meta["kernel_prior"] = {"from": "the kernel library: G = W_target / W_source of each pair, "
+                                                 "regularized (LTDiffPPLib.kernels.pair_gain)", "pixel_mm": list(self.pixel_mm)}
+        elif self.net.prior is not None:
             self._fit_kernel_prior(dataset)
-        self.train = PatchSampler(dataset, "train", cfg.patch, self.meta["hu"], cfg.seed)
-        self.val = PatchSampler(dataset, "val", cfg.patch, self.meta["hu"], cfg.seed + 1) if dataset.subset("val") else None
+        self.train = PatchSampler(dataset, "train", cfg.patch, self.meta["hu"], cfg.seed, kernel_pairs)
+        self.val = (PatchSampler(dataset, "val", cfg.patch, self.meta["hu"], cfg.seed + 1, kernel_pairs)
+                    if dataset.subset("val") else None)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.phase, self.step, self.elapsed = cfg.phases[0], 0, 0.0
         self.history: list[dict[str, Any]] = []
@@ -199,7 +218,10 @@ class Trainer:
             p.requires_grad_(True)
         module: nn.Module = PhaseLoss(self.net, self.cfg, phase, self.pixel_mm)
         if self.world > 1:
-            module = nn.parallel.DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
+            # buffers are set alike on every rank (statistics are all-reduced) except a kernel-conditioned
+            # model's pair, which is each rank's own batch's: never broadcast rank 0's
+            module = nn.parallel.DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                                         broadcast_buffers=False)
         bar = self._bar(phase, pc.steps)
         autocast = autocast_for(self.device)  # bf16 on CUDA
         t_last = time.perf_counter()
@@ -210,6 +232,7 @@ class Trainer:
             if window_t0 is None:
                 window_t0, window_steps = time.perf_counter(), 0
             src, tgt = self.train.batch(pc.batch_size, phase, self.step, self.rank)
+            self._set_pair(self.net, self.train, phase, self.step, self.rank)
             gen = torch.Generator().manual_seed(_seed(self.cfg.seed, phase, self.step, self.rank))
             with autocast:
                 out = module(src.to(self.device), tgt.to(self.device), gen)
@@ -258,6 +281,11 @@ class Trainer:
             self._latent_stats()
             self._residual_stats()
 
+    def _set_pair(self, net: LTDiffPPNet, sampler: PatchSampler, phase: int, step: int, rank: int = 0) -> None:
+        """A kernel-conditioned model converts the pair of batch (phase, step, rank) of ``sampler``."""
+        if self.conditioned:
+            net.set_pair(*sampler.pair_of(phase, step, rank))
+
     def _fit_kernel_prior(self, dataset) -> None:
         """Fit the kernel ratio on the training pairs and install it as the model's prior (before the EMA
         copy is made, which inherits it)."""
@@ -294,9 +322,12 @@ class Trainer:
         """With the kernel prior: per-channel std of the residual latent (target − filtered source)."""
         if self.net.prior is None:
             return
+        if self.conditioned:  # one pair per batch: see more of them
+            batches *= 4
         res = []
         for i in range(batches):
             src, tgt = self.train.batch(self.cfg.phase2.batch_size, 0, batches + i, self.rank)
+            self._set_pair(self.net, self.train, 0, batches + i, self.rank)
             src, tgt = src.to(self.device), tgt.to(self.device)
             res.append((self.net.encode(tgt) - self.net.condition(src, self.pixel_mm, base=False).latent).float())
         _, std = self._channel_stats(res)
@@ -330,6 +361,7 @@ class Trainer:
         losses = []
         for i in range(self.cfg.val_batches):
             src, tgt = self.val.batch(self.cfg.phase(phase).batch_size, phase, i)
+            self._set_pair(self.ema, self.val, phase, i)
             gen = torch.Generator().manual_seed(10_000 + i)
             losses.append(float(module(src.to(self.device), tgt.to(self.device), gen)["loss"]))
         return float(np.mean(losses))
@@ -459,6 +491,7 @@ class Trainer:
         if self.tb is None:
             return
         src, tgt = self.val.batch(2, phase, 0)
+        self._set_pair(self.ema, self.val, phase, 0)
         src, tgt = src.to(self.device), tgt.to(self.device)
         if not self.ema.config.has_diffusion:
             out = self.ema.decode(self.ema.encode(src))
