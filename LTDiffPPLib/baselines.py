@@ -338,11 +338,13 @@ def estimate_kernel_ratio(source: np.ndarray, target: np.ndarray, spacing_yx: tu
                        f_nyquist=float(nyquist))
 
 
-def kernel_ratio_from_dataset(dataset: Dataset, split: str = "train") -> tuple[KernelRatio, tuple[float, float]]:
+def kernel_ratio_from_dataset(dataset: Dataset, split: str = "train",
+                              kernels: tuple[str, str] | None = None) -> tuple[KernelRatio, tuple[float, float]]:
     """The kernel ratio fitted on every pair of a dataset's ``split`` (slices pooled), and their (dy, dx)
     pixel size in mm. The pairs must share one in-plane pixel size (the ratio is a function of mm⁻¹,
     but it is estimated on one frequency grid). The trusted band is the default 0.1–0.5 mm⁻¹, narrowed
-    to 0.2–1 × Nyquist for pixels coarser than 1 mm."""
+    to 0.2–1 × Nyquist for pixels coarser than 1 mm. ``kernels``: (source, target) of a multi-kernel
+    dataset (required there)."""
     pairs = dataset.subset(split)
     if not pairs:
         raise InputError(f"dataset {dataset.root} has no {split!r} pairs to fit a kernel ratio on")
@@ -351,8 +353,8 @@ def kernel_ratio_from_dataset(dataset: Dataset, split: str = "train") -> tuple[K
         raise InputError(f"dataset {dataset.root}: the {split} pairs have several pixel sizes {sorted(spacings)} mm; "
                          "a kernel ratio is fitted at one (resample the dataset to one pixel size)")
     sx, sy = spacings.pop()
-    src = np.concatenate([np.asarray(dataset.arrays(p)[0], np.float32) for p in pairs])
-    tgt = np.concatenate([np.asarray(dataset.arrays(p)[1], np.float32) for p in pairs])
+    src = np.concatenate([np.asarray(dataset.arrays(p, kernels)[0], np.float32) for p in pairs])
+    tgt = np.concatenate([np.asarray(dataset.arrays(p, kernels)[1], np.float32) for p in pairs])
     nyquist = 0.5 / max(sx, sy)
     band = (min(0.1, 0.2 * nyquist), min(0.5, nyquist))
     return estimate_kernel_ratio(src, tgt, (sy, sx), band=band), (sy, sx)

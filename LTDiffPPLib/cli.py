@@ -373,7 +373,10 @@ def _cmd_info(a: argparse.Namespace) -> int:
     print(f"sha256         {digest} ({status})")
     print(f"name           {meta.get('name', '')}")
     print(f"description    {meta.get('description', '')}")
-    print(f"kernels        {meta['source_kernel']} -> {meta['target_kernel']}")
+    if meta.get("kernels"):
+        print(f"kernels        any two of {', '.join(meta['kernels'])} (kernel-conditioned: one model for every pair)")
+    else:
+        print(f"kernels        {meta['source_kernel']} -> {meta['target_kernel']}")
     print(f"HU             input = (clip(HU, {meta['hu']['min']}, {meta['hu']['max']}) - {meta['hu']['center']}) / {meta['hu']['scale']}")
     arch = ModelConfig.from_dict(cfg)
     if arch.has_diffusion:
@@ -381,7 +384,10 @@ def _cmd_info(a: argparse.Namespace) -> int:
     else:
         print("sampling       none (direct translation)")
     print(f"architecture   {_architecture(arch)}")
-    if arch.kernel_prior:
+    if arch.kernel_conditioned:
+        print(f"kernel prior   each pair's library gain W_target / W_source (regularized); the denoiser is conditioned "
+              f"on the pair")
+    elif arch.kernel_prior:
         prior = meta["kernel_prior"]
         gain = prior["gain"]
         step = prior["frequency_step_per_mm"]
@@ -407,7 +413,8 @@ def _cmd_models(a: argparse.Namespace) -> int:
         print("no models are shipped yet; pass a model file with --model PATH")
     for e in entries:
         mark = "*" if e.name == default else " "
-        print(f"{mark} {e.name:24s} {e.source_kernel} -> {e.target_kernel}  {e.file}  {e.description}")
+        pair = f"any two of {', '.join(e.kernels)}" if e.kernels else f"{e.source_kernel} -> {e.target_kernel}"
+        print(f"{mark} {e.name:24s} {pair}  {e.file}  {e.description}")
     return 0
 
 

@@ -176,6 +176,7 @@ def model_summary(model: str | os.PathLike) -> dict[str, Any]:
     meta = read_metadata(path)
     return {"name": meta.get("name") or path.stem, "path": str(path), "registered": registered,
             "source_kernel": meta.get("source_kernel", "?"), "target_kernel": meta.get("target_kernel", "?"),
+            "kernels": list(meta.get("kernels") or []),  # a kernel-conditioned model's (source and target "any")
             "steps": meta.get("sampling", {}).get("steps"), "description": meta.get("description", ""),
             "untrained": meta.get("training", {}).get("status") == "untrained",
             "pixel_spacing_mm": meta.get("pixel_spacing_mm"),
@@ -196,8 +197,10 @@ def model_caveats(model: str | os.PathLike | None = None) -> list[str]:
     spacing = s["pixel_spacing_mm"]
     size = (f" at {spacing[0]:g}-{spacing[1]:g} mm pixels" if spacing and spacing[0] != spacing[1]
             else f" at {spacing[0]:g} mm pixels" if spacing else "")
-    caveats = [f"Converts {s['source_kernel']}-like images into {s['target_kernel']}-like images{size}; other "
-               "kernels, scanners and pixel sizes are outside what it learned (a warning says so for pixel size)."]
+    what = (f"Converts between any two of {', '.join(s['kernels'])} (one model conditioned on the kernel pair)"
+            if s["kernels"] else f"Converts {s['source_kernel']}-like images into {s['target_kernel']}-like images")
+    caveats = [f"{what}{size}; other kernels, scanners and pixel sizes are outside what it learned (a warning says "
+               "so for pixel size)."]
     if s["registered"]:
         caveats.insert(0, "Trained on simulated image pairs (a digital chest phantom and a chest CT, scanned and "
                           "reconstructed by the project's CT simulator), not on real paired scans.")

@@ -1,6 +1,6 @@
 """The Fourier kernel-ratio baseline fitted *out of patient*: on a training dataset, applied to another image.
 
-    .venv/bin/python bench/kernel_ratio_from_dataset.py DATASET IMAGE OUT [--split train]
+    .venv/bin/python bench/kernel_ratio_from_dataset.py DATASET IMAGE OUT [--split train] [--kernels SRC,TGT]
 
 Estimates √(P_target/P_source) (:func:`LTDiffPPLib.baselines.estimate_kernel_ratio`) from every pair of the
 dataset's ``split`` — the same simulated pairs the model is trained on — and filters IMAGE (a source-kernel
@@ -24,11 +24,13 @@ def main() -> None:
     ap.add_argument("image")
     ap.add_argument("out")
     ap.add_argument("--split", default="train")
+    ap.add_argument("--kernels", default=None, help="SRC,TGT: the pair of a multi-kernel dataset")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args()
     ds = load_dataset(a.dataset)
-    ratio, (sy, sx) = kernel_ratio_from_dataset(ds, a.split)
-    slices = sum(int(ds.arrays(p)[0].shape[0]) for p in ds.subset(a.split))
+    kernels = tuple(a.kernels.split(",")) if a.kernels else None
+    ratio, (sy, sx) = kernel_ratio_from_dataset(ds, a.split, kernels)
+    slices = sum(int(p["shape"][0]) for p in ds.subset(a.split))
     image = read_volume(a.image)
     if abs(image.spacing[0] - sx) > 0.05 * sx:
         print(f"note: {a.image} has {image.spacing[0]:.3f} mm pixels, the ratio was fitted at {sx:.3f} mm")
