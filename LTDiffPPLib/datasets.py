@@ -392,7 +392,13 @@ class Dataset:
             return (np.load(self.root / pair["source"], mmap_mode="r"), np.load(self.root / pair["target"], mmap_mode="r"))
         if kernels is None or any(k not in pair["images"] for k in kernels):
             raise InputError(f"{self.root}: name two of the multi-kernel dataset's kernels {self.kernels} (got {kernels})")
-        return tuple(np.load(self.root / pair["images"][k], mmap_mode="r") for k in kernels)  # type: ignore[return-value]
+        return self.image(pair, kernels[0]), self.image(pair, kernels[1])
+
+    def image(self, scan: dict[str, Any], kernel: str) -> np.ndarray:
+        """One kernel's int16 HU array (z, y, x) of a multi-kernel scan, memory-mapped read-only."""
+        if not self.multikernel or kernel not in scan["images"]:
+            raise InputError(f"{self.root}: no {kernel!r} image in entry {scan.get('id')} (kernels {self.kernels})")
+        return np.load(self.root / scan["images"][kernel], mmap_mode="r")
 
 
 def load_dataset(path: str | os.PathLike) -> Dataset:

@@ -35,7 +35,7 @@ class PatchSampler:
             self._keys = self.kernel_pairs
             kernels = sorted({k for kp in self.kernel_pairs for k in kp})
             # memory-mapped arrays of every entry, per kernel
-            self.images = [{k: dataset.arrays(p, (k, k))[0] for k in kernels} for p in self.pairs]
+            self.images = [{k: dataset.image(p, k) for k in kernels} for p in self.pairs]
         else:
             if kernel_pairs is not None and [tuple(kp) for kp in kernel_pairs] != [tuple(dataset.kernels)]:
                 raise ValueError(f"dataset {dataset.root} holds the one pair {dataset.kernels}, not {kernel_pairs}")
