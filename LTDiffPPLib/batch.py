@@ -236,7 +236,8 @@ def _index_entry(entry: _ListEntry, base: Path, out_root: Path, target: Any, def
                  model: str | os.PathLike | None) -> list[BatchItem]:
     """The series of one input (a folder, walked; or an image file). A list row's ``source_kernel`` is given
     for its series whatever their headers say (the guard refuses a contradicted header without --force);
-    ``default_source`` (``--source-kernel``) only stands in where a header names no kernel."""
+    ``default_source`` (``--source-kernel``) only stands in where a header names no kernel, one not in the
+    library, or one without a known response (as the domain guard takes a given kernel)."""
     path = entry.path.resolve() if entry.path.exists() else entry.path
     source_kernel = entry.source_kernel
     rel = os.path.relpath(path, base)
@@ -314,8 +315,12 @@ def _dicom_item(uid: str, files_ds: list[tuple[Path, Any]], base: Path, target: 
         return replace(item, decision="fail", reason=f"{path0} is a multi-frame (enhanced) DICOM file; only series "
                                                       "with one slice per file are read")
     header_kernel = ds.get("ConvolutionKernel")
-    if not source_kernel and not _text(header_kernel):
-        source_kernel = default_source  # --source-kernel stands in for a header that names no kernel
+    if not source_kernel and default_source:
+        from .kernels import kernel_from_dicom
+
+        ev = kernel_from_dicom(ds.get("Manufacturer"), header_kernel)
+        if ev.kernel is None or not ev.kernel.has_response:  # as the guard: it stands in for what is unknown
+            source_kernel = default_source
     item.given_source_kernel = source_kernel
     return _decide_kernel(item, ds.get("Manufacturer"), header_kernel, target, source_kernel, model)
 
@@ -361,7 +366,9 @@ def _decide_kernel(item: BatchItem, manufacturer: Any, convolution_kernel: Any, 
         return replace(item, decision="skip", reason=f"already {target.name} ({how})")
     if not kernel.has_response:
         return replace(item, decision="fail", reason=f"source kernel {kernel.name} ({how}) has no known frequency "
-                                                     "response, so no model can convert it")
+                                                     "response, so no model can convert it; if you know a library "
+                                                     "kernel with the same response, pass it as --source-kernel (or "
+                                                     "a source_kernel column of a CSV/JSON input list)")
     if model is None and model_for_pair(kernel, target) is None:
         from .guard import registered_pairs
 
@@ -427,12 +434,22 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            if i == len(lines) - 1 or all(not rest.strip() for rest in lines[i + 1:]):
-                continue  # the run was killed while writing this line
+            if i == len(lines) - 1 or all(not rest.strip() for rest in lines[i + 1:]) or _cut_short(line):
+                continue  # a run was killed while writing this line (a later run went on after it)
             raise InputError(f"{path}: line {i + 1} is not JSON ({exc}); the manifest is damaged") from exc
         if isinstance(record, dict) and "key" in record:
             out.append(record)
     return out
+
+
+def _cut_short(line: str) -> bool:
+    """True for the start of a record cut off by a killed writer: JSON that ends early, not other text."""
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as exc:
+        ends_early = exc.msg.startswith("Unterminated string") or exc.pos >= len(line.rstrip()) - 1
+        return line.lstrip().startswith('{"key"') and ends_early
+    return False
 
 
 def load_records(out_root: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -454,6 +471,12 @@ class ManifestWriter:
         self.path = path
         self._lock = threading.Lock()
         self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if self._f.tell() > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut = f.read(1) != b"\n"
+            if cut:  # a run killed mid-line: end that line so that it stays apart (the reader skips it)
+                self._f.write("\n")
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False, allow_nan=False, default=_json_default)
@@ -1018,6 +1041,7 @@ def _run_shard(items: list[BatchItem], out_root: Path, opts: BatchOptions, run: 
     """One worker: convert ``items``, appending records to the manifest (or its shard's part file)."""
     from tqdm import tqdm
 
+    show = show and bool(items)
     path = out_root / (f"manifest.part{shard}.jsonl" if part else MANIFEST)
     writer = ManifestWriter(path)
     total = sum(it.slices for it in items)

@@ -243,8 +243,9 @@ def add_batch_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    ".csv/.json list of inputs (columns input[,source_kernel][,series_uid])")
     b.add_argument("output", help="output folder (created; mirrors INPUT; holds manifest.jsonl and report.html)")
     b.add_argument("--target-kernel", metavar="NAME", required=True, help="kernel to convert to (`ltdiffpp kernels`)")
-    b.add_argument("--source-kernel", metavar="NAME", help="kernel of the inputs whose header names none (image "
-                   "files, anonymized DICOM); default: estimated from each image")
+    b.add_argument("--source-kernel", metavar="NAME", help="kernel of the inputs whose header names none, or one "
+                   "without a known response (image files, anonymized DICOM, e.g. Br38f); a header naming a library "
+                   "kernel wins; default: estimated from each image")
     b.add_argument("--model", help="model file or registered name (default: the registered model for each pair)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     b.add_argument("--workers", type=_int_in(limits.WORKERS), default=1, help="worker processes on this machine "

@@ -4,9 +4,9 @@ expectation, soft-tissue HU bias, thumbnails, and one HTML report that puts the 
 What the target kernel "should give" comes from the kernel library, not from a reference scan (a cohort
 has none): in FBP the noise of an image is the filtered projection noise, so converting kernel S to kernel T
 multiplies the noise power spectrum by G(f)² with G = W_T / W_S (:func:`LTDiffPPLib.kernels.pair_gain`,
-the library's frequency responses, f in mm⁻¹). :func:`series_qc` takes homogeneous soft-tissue patches of
-the *input*, applies G to their detrended noise, and compares that expected noise SD and NPS with the same
-patches of the output. A converted series whose noise is far from that (or whose soft tissue moved in
+the library's frequency responses, f in mm⁻¹). :func:`series_qc` filters the *input* slices by G
+(:func:`linear_conversion`) and compares the noise SD and NPS of homogeneous soft-tissue patches of that
+expected image with the same patches of the output. A converted series whose noise is far from that (or whose soft tissue moved in
 mean HU: G(0) = 1, a kernel conversion keeps mean values) is flagged.
 
 Numbers are in HU (noise SD, bias), mm⁻¹ (frequency) and HU²·mm² (NPS).
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .concordance import detrend, noise_sd, radial_nps
+from .concordance import noise_sd, radial_nps
 
 #: a converted series is flagged when its noise SD is outside [1/x, x] times the expected one
 NOISE_RATIO_LIMIT = 1.5
@@ -83,13 +83,18 @@ def homogeneous_patches(hu: np.ndarray, size: int | None = None, per_slice: int 
     return out
 
 
-def _apply_gain(patch: np.ndarray, gain_fn: Any, spacing_yx: tuple[float, float]) -> np.ndarray:
-    """The detrended patch filtered by G(|f|) (a real, radial kernel-conversion gain)."""
-    r = detrend(patch)
-    fy = np.fft.fftfreq(r.shape[0], d=spacing_yx[0])
-    fx = np.fft.fftfreq(r.shape[1], d=spacing_yx[1])
-    g = gain_fn(np.hypot(fy[:, None], fx[None, :]))
-    return np.real(np.fft.ifft2(np.fft.fft2(r) * g))
+def linear_conversion(image: np.ndarray, source: Any, target: Any, spacing_yx: tuple[float, float]) -> np.ndarray:
+    """A (y, x) slice filtered by the kernel ratio G(|f|) = W_target / W_source (f in mm⁻¹): what the
+    target kernel gives the same projections, to first order (the mean kept: G(0) = 1). The slice is
+    padded with its edge values to twice its size so that the filter does not wrap around."""
+    from .kernels import pair_gain
+
+    ny, nx = image.shape
+    padded = np.pad(image.astype(np.float64), ((0, ny), (0, nx)), mode="edge")
+    fy = np.fft.fftfreq(2 * ny, d=spacing_yx[0])
+    fx = np.fft.fftfreq(2 * nx, d=spacing_yx[1])
+    g = pair_gain(source, target, np.hypot(fy[:, None], fx[None, :]))
+    return np.real(np.fft.ifft2(np.fft.fft2(padded) * g))[:ny, :nx]
 
 
 def series_qc(before: Any, after: Any, source: Any, target: Any, thumbnail: Path | None = None) -> dict[str, Any]:
@@ -103,8 +108,6 @@ def series_qc(before: Any, after: Any, source: Any, target: Any, thumbnail: Path
     (``f_per_mm``, ``before``, ``after``, ``expected``), ``flags`` (why it is an outlier; empty if not),
     ``notes``, ``thumbnail`` (file name).
     """
-    from .kernels import pair_gain
-
     b, a = np.asarray(before.hu, dtype=np.float32), np.asarray(after.hu, dtype=np.float32)
     spacing_yx = (float(before.spacing[1]), float(before.spacing[0]))
     out: dict[str, Any] = {"noise_sd_before_hu": None, "noise_sd_after_hu": None, "noise_sd_expected_hu": None,
@@ -114,7 +117,8 @@ def series_qc(before: Any, after: Any, source: Any, target: Any, thumbnail: Path
     if patches:
         pb = [b[z, y:y + s, x:x + s] for z, y, x, s in patches]
         pa = [a[z, y:y + s, x:x + s] for z, y, x, s in patches]
-        pe = [_apply_gain(p, lambda f: pair_gain(source, target, f), spacing_yx) for p in pb]
+        expected = {z: linear_conversion(b[z], source, target, spacing_yx) for z in sorted({z for z, *_ in patches})}
+        pe = [expected[z][y:y + s, x:x + s] for z, y, x, s in patches]
         sd_b, sd_a, sd_e = (float(np.median(noise_sd(ps))) for ps in (pb, pa, pe))
         f, nps_b = radial_nps(pb, spacing_yx)
         _, nps_a = radial_nps(pa, spacing_yx)
