@@ -539,13 +539,14 @@ def merge_manifest(out_root: str | os.PathLike, keys_order: Sequence[str] | None
 class BatchOptions:
     """What a batch converts to and how (the CLI's flags). ``device``: ``auto``/``cpu``/``cuda``/``mps``;
     ``precision``: ``auto`` (:func:`choose_precision`), ``float32`` or ``bfloat16``; ``prefetch``: series
-    read ahead of the one converting (memory: one volume each); ``workers``: local worker processes."""
+    read ahead of the one converting (memory: one volume each); ``workers``: local worker processes (None:
+    one per GPU where there are several, else 1)."""
 
     target_kernel: str
     source_kernel: str | None = None
     model: str | None = None
     device: str = "auto"
-    workers: int = 1
+    workers: int | None = None
     overwrite: bool = False
     force: bool = False
     steps: int | None = None
@@ -977,11 +978,14 @@ def run_batch(input_path: str | os.PathLike, output: str | os.PathLike, opts: Ba
     input_path, out_root = Path(input_path), Path(output)
     rank, world, local_rank = _dist_env()
     if world > 1:
-        if opts.workers > 1:
+        if opts.workers is not None and opts.workers > 1:
             raise InputError("--workers applies to a single process; under torchrun start one rank per GPU or "
                              "core group with --nproc_per_node instead")
         return _run_distributed(input_path, out_root, opts, rank, world, local_rank, dry_run, log)
     _check_paths(input_path, out_root)
+    if opts.workers is None:
+        gpus = _cuda_count() if opts.device in ("auto", "cuda") else 0
+        opts = replace(opts, workers=gpus if gpus > 1 else 1)
     t0 = time.perf_counter()
     items = index_inputs(input_path, out_root, opts.target_kernel, source_kernel=opts.source_kernel, model=opts.model)
     if dry_run:
@@ -991,7 +995,8 @@ def run_batch(input_path: str | os.PathLike, output: str | os.PathLike, opts: Ba
         run = _run_id()
         plan = plan_batch(items, out_root, opts, run)
         _log_plan(plan, log, opts, time.perf_counter() - t0)
-        shards = shard_items(plan.work, opts.workers) if opts.workers > 1 else [plan.work]
+        workers = max(1, min(opts.workers, len(plan.work)))  # no process without work
+        shards = shard_items(plan.work, workers) if workers > 1 else [plan.work]
         writer = ManifestWriter(out_root / MANIFEST)
         try:
             for rec in plan.records:
@@ -999,7 +1004,7 @@ def run_batch(input_path: str | os.PathLike, output: str | os.PathLike, opts: Ba
         finally:
             writer.close()
         t_work = time.perf_counter()
-        if opts.workers > 1:
+        if workers > 1:
             _run_local_workers(shards, out_root, opts, run, log)
         else:
             _run_shard(shards[0], out_root, opts, run, 0, None, show=not opts.quiet, part=False)

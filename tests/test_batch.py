@@ -202,6 +202,18 @@ def test_batch_end_to_end_resume_and_overwrite(cohort, tmp_path, tiny_model_path
     assert len(runs) == 1 and runs != {lost["run"]}
 
 
+def test_local_workers_split_the_series(cohort, tmp_path, tiny_model_path):
+    """--workers 2: two processes, each series converted by exactly one, one merged manifest."""
+    out = tmp_path / "out"
+    assert main(["batch", str(cohort / "pB"), str(out), "--target-kernel", "B70f", "--model", str(tiny_model_path),
+                 "--workers", "2", "--quiet", "--no-report"]) == 0
+    records = _records(out)
+    done = [r for r in records.values() if r["status"] == "done"]
+    assert len(done) == 2 and {r["shard"] for r in done} == {0, 1} and len({r["output"] for r in done}) == 2
+    assert {r["status"] for r in records.values()} == {"done", "skipped", "failed"}
+    assert not list(out.glob("manifest.part*")) and not (out / "report.html").exists()
+
+
 def test_unrecorded_output_and_cut_manifest_line(cohort, tmp_path, tiny_model_path):
     """A run killed after writing an output but before recording it, and killed mid-line: the rerun
     ignores the cut line and does not rewrite the unrecorded output."""
