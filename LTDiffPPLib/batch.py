@@ -709,6 +709,8 @@ def run_worker(items: Sequence[BatchItem], opts: BatchOptions, sink: Callable[[d
                         entry.record = {"status": "failed", "reason": f"{what}: {exc}"}
                     except MemoryError as exc:
                         entry.record = {"status": "failed", "reason": f"out of memory reading it ({exc})"}
+                    except Exception as exc:  # noqa: BLE001 - one odd series must not stop a cohort
+                        entry.record = {"status": "failed", "reason": _unexpected("reading", exc)}
                 loaded_q.put(entry)
         except BaseException as exc:  # noqa: BLE001 - surfaced by the main thread
             errors.append(exc)
@@ -743,6 +745,8 @@ def run_worker(items: Sequence[BatchItem], opts: BatchOptions, sink: Callable[[d
                             record.update(status="done", reason="converted")
                         except LTDiffPPError as exc:
                             record.update(status="failed", reason=f"cannot write the output: {exc}")
+                        except Exception as exc:  # noqa: BLE001 - one odd series must not stop a cohort
+                            record.update(status="failed", reason=_unexpected("writing", exc))
                 else:
                     record.update(entry.record)
                     if record["status"] != "done":
@@ -777,6 +781,7 @@ def run_worker(items: Sequence[BatchItem], opts: BatchOptions, sink: Callable[[d
                     break
 
     models: dict[str, Any] = {}
+    model_errors: dict[str, LTDiffPPError] = {}
     precisions: dict[str, tuple[str, str]] = {}
     threads = [threading.Thread(target=reader, name="ltdiffpp-reader", daemon=True),
                threading.Thread(target=writer, name="ltdiffpp-writer", daemon=True)]
@@ -793,8 +798,14 @@ def run_worker(items: Sequence[BatchItem], opts: BatchOptions, sink: Callable[[d
                 with _Captured(entry.warnings):
                     try:
                         name = str(entry.plan.model)
+                        if name in model_errors:  # a model that failed to load fails its series at once
+                            raise model_errors[name]
                         if name not in models:
-                            models[name] = load_model(entry.plan.model)
+                            try:
+                                models[name] = load_model(entry.plan.model)
+                            except LTDiffPPError as exc:
+                                model_errors[name] = exc
+                                raise
                             precisions[name] = choose_precision(opts.precision, dev.type, models[name].sha256)
                         model = models[name]
                         precision, why = precisions[name]
@@ -819,9 +830,8 @@ def run_worker(items: Sequence[BatchItem], opts: BatchOptions, sink: Callable[[d
                         if cancel.is_set():
                             raise
                         entry.record = {"status": "failed", "reason": f"conversion failed: {exc}"}
-                    except (RuntimeError, MemoryError) as exc:  # e.g. CUDA out of memory: this series only
-                        entry.record = {"status": "failed", "reason": f"conversion failed: {type(exc).__name__}: "
-                                                                       f"{' '.join(str(exc).split())[:300]}"}
+                    except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: this series only
+                        entry.record = {"status": "failed", "reason": _unexpected("converting", exc)}
             elif cancel.is_set():
                 break
             done_q.put((entry, converted, meta))
@@ -844,6 +854,11 @@ def run_worker(items: Sequence[BatchItem], opts: BatchOptions, sink: Callable[[d
     done_q.put(None)  # the writer records what it holds, then stops
     for t in threads:
         t.join()
+
+
+def _unexpected(doing: str, exc: BaseException) -> str:
+    """The reason recorded for an exception no check anticipated (type, first 300 characters)."""
+    return f"unexpected error while {doing} it: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def _write_output(entry: _Loaded, converted: Any, meta: dict[str, Any], opts: BatchOptions) -> None:

@@ -80,6 +80,12 @@ def cohort(tmp_path_factory) -> Path:
     write_image(_volume(8), root / "pC" / "vol.nrrd")  # pC exists: made by the series above                        # image file: --source-kernel
     (root / "pC" / "notes.txt").write_text("not an image")
     _series(root / "pD" / "odd", 9, "XYZ99")                                # kernel not in the library
+    bad = _series(root / "pD" / "badpixels", 11)                            # headers fine, pixels cut short:
+    f = sorted(bad.iterdir())[0]                                            # fails when read
+    ds = pydicom.dcmread(f)
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(f)
+    _series(root / "pD" / "nonhu", 12, RescaleIntercept="1100")             # refused by the domain guard
     # a CD export: files without extensions, one series split over two folders, and a DICOMDIR
     split = _series(root / "pE" / "stage", 10)
     files = sorted(split.iterdir())
@@ -128,6 +134,7 @@ def test_index_decisions_from_headers_only(cohort, tmp_path, tiny_model_path, mo
     assert decide["pC/anon"] == [("convert", "")] and got["pC/anon"][0].given_source_kernel == "B30f"
     assert decide["pC/vol.nrrd"] == [("convert", "")] and got["pC/vol.nrrd"][0].source_kernel == "B30f"
     assert decide["pD/odd"][0][0] == "convert"  # an unknown header kernel: --source-kernel stands in for it
+    assert decide["pD/badpixels"] == decide["pD/nonhu"] == [("convert", "")]  # only pixels tell
     # the CD export's series lies in two folders: one item, read through its files
     split = got["pE/DICOM"]
     assert len(split) == 1 and len(split[0].files) == 2 and split[0].slices == 2
@@ -164,7 +171,10 @@ def test_batch_end_to_end_resume_and_overwrite(cohort, tmp_path, tiny_model_path
         assert set(batch.MANIFEST_FIELDS) <= set(r) and r["status"] in batch.STATUSES and r["reason"]
     status = {k: r["status"] for k, r in _by_folder(records).items()}
     assert status["pA/ct_b70"] == status["pA/scout"] == status["pB/mr"] == "skipped"
-    assert status["pB/broken"] == "failed"
+    assert status["pB/broken"] == status["pD/badpixels"] == status["pD/nonhu"] == "failed"
+    reasons = {k: r["reason"] for k, r in _by_folder(records).items()}
+    assert reasons["pD/badpixels"].startswith("unreadable: ") and "IM00001.dcm" in reasons["pD/badpixels"]
+    assert reasons["pD/nonhu"].startswith("refused by the domain guard: ") and "not Hounsfield" in reasons["pD/nonhu"]
     done = [r for r in records.values() if r["status"] == "done"]
     assert len(done) == 7  # ct_b30, two x2, anon, vol.nrrd, odd, the split export
     for r in done:
@@ -183,11 +193,12 @@ def test_batch_end_to_end_resume_and_overwrite(cohort, tmp_path, tiny_model_path
     report = (out / "report.html").read_text()
     assert all(r["key"] in report for r in records.values()) and "IM00001.dcm" in report
 
-    # rerun: nothing converted again, outputs untouched
+    # rerun: nothing done is converted again, outputs untouched
     stamp = {r["key"]: os.stat(r["output"]).st_mtime_ns for r in done}
     capsys.readouterr()
     assert main(args[:-1]) == 0
-    assert "0 to convert" in capsys.readouterr().err
+    # only what is not done is tried again: the two that failed on their pixels (retried, fail again)
+    assert "2 to convert (4 slices), 7 done by earlier runs" in capsys.readouterr().err
     assert {r["key"]: os.stat(r["output"]).st_mtime_ns for r in done} == stamp
     # an output lost after its record: converted again, alone
     lost = _by_folder(_records(out))["pA/ct_b30"]
