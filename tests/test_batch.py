@@ -254,6 +254,14 @@ def test_two_batches_on_one_output_and_output_inside_input(cohort, tmp_path, tin
     assert not (cohort / "pA" / "out").exists()
 
 
+@pytest.mark.parametrize("bad", [["--workers", "0"], ["--prefetch", "9"], []])
+def test_bad_options_give_one_line(bad, tmp_path, capsys):
+    target = [] if not bad else ["--target-kernel", "B70f"]  # [] : --target-kernel missing
+    assert main(["batch", str(tmp_path), str(tmp_path / "o"), *target, *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ltdiffpp: error: batch: ") and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
 def test_dry_run_writes_nothing(cohort, tmp_path, tiny_model_path, capsys):
     out = tmp_path / "out"
     assert main(["batch", str(cohort), str(out), "--target-kernel", "B70f", "--model", str(tiny_model_path),
