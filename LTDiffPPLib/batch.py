@@ -838,11 +838,15 @@ def run_worker(items: Sequence[BatchItem], opts: BatchOptions, sink: Callable[[d
             if errors:
                 break
     except BaseException:
-        cancel.set()  # an interrupt: the writer finishes the output in hand (atomic), the reader stops
-        with contextlib.suppress(queue.Full):
-            done_q.put_nowait(None)
-        for t in threads:
-            t.join(timeout=5)
+        cancel.set()  # an interrupt: the reader stops; the writer writes and records the outputs it holds
+        if not errors and threads[1].is_alive():
+            with contextlib.suppress(queue.Full):
+                done_q.put(None, timeout=600)
+            threads[1].join(timeout=600)
+        else:
+            with contextlib.suppress(queue.Full):
+                done_q.put_nowait(None)
+        threads[0].join(timeout=5)
         raise
     if errors:
         cancel.set()

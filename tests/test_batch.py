@@ -225,6 +225,25 @@ def test_local_workers_split_the_series(cohort, tmp_path, tiny_model_path):
     assert not list(out.glob("manifest.part*")) and not (out / "report.html").exists()
 
 
+def test_interrupt_records_the_outputs_in_hand(cohort, tmp_path, tiny_model_path):
+    """Ctrl-C while the second series converts: the first, already converted, is still written and
+    recorded (its output then has its record); the second leaves nothing."""
+    items = [i for i in batch.index_inputs(cohort / "pB", tmp_path / "o", "B70f", model=str(tiny_model_path))
+             if i.decision == "convert"]
+    assert len(items) == 2
+    records = []
+
+    def on_slices(item, done, n):
+        if item.key == items[1].key:
+            raise KeyboardInterrupt
+
+    opts = batch.BatchOptions(target_kernel="B70f", model=str(tiny_model_path), report=False)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run_worker(items, opts, records.append, on_slices=on_slices)
+    assert [(r["key"], r["status"]) for r in records] == [(items[0].key, "done")]
+    assert Path(items[0].output).is_dir() and not os.path.lexists(items[1].output)
+
+
 def test_unrecorded_output_and_cut_manifest_line(cohort, tmp_path, tiny_model_path):
     """A run killed after writing an output but before recording it, and killed mid-line: the rerun
     ignores the cut line and does not rewrite the unrecorded output."""
