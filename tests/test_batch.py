@@ -86,15 +86,22 @@ def cohort(tmp_path_factory) -> Path:
     ds.PixelData = ds.PixelData[:100]
     ds.save_as(f)
     _series(root / "pD" / "nonhu", 12, RescaleIntercept="1100")             # refused by the domain guard
-    # a CD export: files without extensions, one series split over two folders, and a DICOMDIR
-    split = _series(root / "pE" / "stage", 10)
-    files = sorted(split.iterdir())
-    for i, f in enumerate(files):
-        d = root / "pE" / "DICOM" / f"S{i}"
+    # a CD export written by pydicom's FileSet: DICOMDIR plus PT*/ST*/SE*/IM* files without extensions
+    from pydicom.fileset import FileSet
+
+    stage = _series(root / "stage", 13, StudyDate="20260101", StudyTime="120000", StudyID="1")
+    fs = FileSet()
+    for f in sorted(stage.iterdir()):
+        fs.add(pydicom.dcmread(f))
+    fs.write(root / "pE")
+    shutil.rmtree(stage)
+    # one series split over two folders
+    split = _series(root / "pF" / "stage", 10)
+    for i, f in enumerate(sorted(split.iterdir())):
+        d = root / "pF" / "DICOM" / f"S{i}"
         d.mkdir(parents=True)
         f.rename(d / f"IM{i:06d}")
     split.rmdir()
-    (root / "pE" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")  # the reader skips DICOMDIR files by name
     return root
 
 
@@ -135,8 +142,9 @@ def test_index_decisions_from_headers_only(cohort, tmp_path, tiny_model_path, mo
     assert decide["pC/vol.nrrd"] == [("convert", "")] and got["pC/vol.nrrd"][0].source_kernel == "B30f"
     assert decide["pD/odd"][0][0] == "convert"  # an unknown header kernel: --source-kernel stands in for it
     assert decide["pD/badpixels"] == decide["pD/nonhu"] == [("convert", "")]  # only pixels tell
-    # the CD export's series lies in two folders: one item, read through its files
-    split = got["pE/DICOM"]
+    # the CD export (DICOMDIR, files without extensions) and a series split over two folders (one item)
+    assert decide["pE/PT000000/ST000000/SE000000"] == [("convert", "")]
+    split = got["pF/DICOM"]
     assert len(split) == 1 and len(split[0].files) == 2 and split[0].slices == 2
     assert "pC/notes.txt" not in got and not any("DICOMDIR" in k for k in got)
     # outputs mirror the tree; two series of one folder get one folder each
@@ -176,7 +184,7 @@ def test_batch_end_to_end_resume_and_overwrite(cohort, tmp_path, tiny_model_path
     assert reasons["pD/badpixels"].startswith("unreadable: ") and "IM00001.dcm" in reasons["pD/badpixels"]
     assert reasons["pD/nonhu"].startswith("refused by the domain guard: ") and "not Hounsfield" in reasons["pD/nonhu"]
     done = [r for r in records.values() if r["status"] == "done"]
-    assert len(done) == 7  # ct_b30, two x2, anon, vol.nrrd, odd, the split export
+    assert len(done) == 8  # ct_b30, two x2, anon, vol.nrrd, odd, the DICOMDIR export, the split series
     for r in done:
         assert r["model"] == "tiny-test" and len(r["model_sha256"]) == 64 and r["target_kernel"] == "B70f"
         assert r["source_kernel"] == "B30f" and r["seconds"] > 0 and r["precision"] == "float32"
@@ -198,7 +206,7 @@ def test_batch_end_to_end_resume_and_overwrite(cohort, tmp_path, tiny_model_path
     capsys.readouterr()
     assert main(args[:-1]) == 0
     # only what is not done is tried again: the two that failed on their pixels (retried, fail again)
-    assert "2 to convert (4 slices), 7 done by earlier runs" in capsys.readouterr().err
+    assert "2 to convert (4 slices), 8 done by earlier runs" in capsys.readouterr().err
     assert {r["key"]: os.stat(r["output"]).st_mtime_ns for r in done} == stamp
     # an output lost after its record: converted again, alone
     lost = _by_folder(_records(out))["pA/ct_b30"]
