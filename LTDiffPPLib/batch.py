@@ -23,10 +23,10 @@ Outputs mirror the input tree under OUTPUT (:func:`output_path_for`). One batch 
 (:func:`LTDiffPPLib.io.output_lock`); finished outputs are never rewritten without ``overwrite``; inputs
 are never modified (OUTPUT may not lie inside INPUT, nor hold it).
 
-Scaling out: ``--workers N`` runs N local worker processes (one per GPU where there are GPUs); under
-``torchrun`` every rank indexes nothing itself — rank 0 indexes and resumes, broadcasts the work
-(torch.distributed, gloo), the series are sharded across ranks × workers by slice count (each exactly
-once), each shard appends to its own ``manifest.part{N}.jsonl``, and rank 0 merges them at the end.
+Scaling out: ``--workers N`` runs N local worker processes (default: one per GPU where there are several
+GPUs, else 1). Under ``torchrun`` rank 0 alone checks, locks, indexes and resumes, then broadcasts the work
+(torch.distributed, gloo); the series are sharded across ranks by slice count (each exactly once), each
+rank appends to its own ``manifest.part{rank}.jsonl``, and rank 0 merges them at the end.
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def _decide_kernel(item: BatchItem, manufacturer: Any, convolution_kernel: Any, 
                    source_kernel: str | None, model: str | os.PathLike | None,
                    written_kernel: str | None = None) -> BatchItem:
     """Convert / skip / fail by the source kernel the header (or the user) names, as the domain guard will."""
-    from .guard import _same_response, model_for_pair
+    from .guard import model_for_pair
     from .kernels import find_kernel, get_kernel, kernel_from_dicom
 
     if source_kernel:
@@ -376,6 +376,15 @@ def _decide_kernel(item: BatchItem, manufacturer: Any, convolution_kernel: Any, 
         return replace(item, decision="fail", reason=f"no shipped model converts {kernel.name} -> {target.name} "
                                                      f"(the shipped models convert {pairs})")
     return item
+
+
+def _same_response(a: Any, b: Any) -> bool:
+    """The same kernel or one declared equivalent (the guard's rule; where it lives depends on the version)."""
+    try:
+        from .kernels import same_response
+    except ImportError:
+        from .guard import _same_response as same_response
+    return bool(same_response(a, b))
 
 
 def _leaf(item: BatchItem) -> str:
