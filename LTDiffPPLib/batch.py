@@ -370,9 +370,10 @@ def _decide_kernel(item: BatchItem, manufacturer: Any, convolution_kernel: Any, 
                                                      "kernel with the same response, pass it as --source-kernel (or "
                                                      "a source_kernel column of a CSV/JSON input list)")
     if model is None and model_for_pair(kernel, target) is None:
-        from .guard import registered_pairs
+        from . import guard
 
-        pairs = ", ".join(f"{s}->{t}" for _, s, t in registered_pairs())
+        pairs = (guard.shipped_pairs_text() if hasattr(guard, "shipped_pairs_text")
+                 else ", ".join(f"{s}->{t}" for _, s, t in guard.registered_pairs()))
         return replace(item, decision="fail", reason=f"no shipped model converts {kernel.name} -> {target.name} "
                                                      f"(the shipped models convert {pairs})")
     return item

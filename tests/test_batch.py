@@ -165,6 +165,17 @@ def test_index_without_a_shipped_model_fails_the_pair(cohort, tmp_path):
     assert b70.decision == "fail" and "no shipped model converts B70f -> B50f" in b70.reason
 
 
+def test_index_of_the_real_series_names_their_kernels(shared_data, tmp_path):
+    """The three real series (GE, Philips, Siemens) indexed from their headers: each kernel identified as the
+    library names it, each decided with a reason where it is not converted."""
+    items = batch.index_inputs(shared_data / "chest_ct", tmp_path / "o", "B70f")
+    got = {Path(i.input).name: i for i in items}
+    assert {k: (i.source_kernel, i.slices) for k, i in got.items()} == {
+        "dcmqi_ge_standard": ("GE-STANDARD", 3), "itkelastix_philips_C": ("Philips-C", 141),
+        SIEMENS_BR38: ("Br38", 20)}
+    assert all(i.decision == "convert" or (i.decision == "fail" and i.reason) for i in items)
+
+
 # ------------------------------------------------------------------------------------------------ run
 def test_batch_end_to_end_resume_and_overwrite(cohort, tmp_path, tiny_model_path, capsys):
     before = _hashes(cohort)
