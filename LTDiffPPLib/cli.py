@@ -1,6 +1,7 @@
 """The ``ltdiffpp`` command line: headless and batch kernel standardization.
 
     ltdiffpp standardize INPUT OUTPUT [--target-kernel NAME] [--source-kernel NAME] [--force] [--model PATH_OR_NAME] [--device auto|cpu|cuda|mps] [--steps N] ...
+    ltdiffpp batch INPUT OUTPUT --target-kernel NAME [--device ...] [--workers N] [--dry-run] [--overwrite] ...
     ltdiffpp simulate INPUT OUTDIR [--kernels B30f,B70f] [--dose N] [--thickness MM] [--seed S]
     ltdiffpp build-dataset OUTDIR [--simulate PATH ...] [--phantoms N] [--dicom-pair DIR ...] [--file-pair S=T ...]
     ltdiffpp evaluate --reference REF --candidate NAME=PATH [...] [--source SRC] [--mask LABELMAP] --out DIR
@@ -118,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_standardize)
 
+    add_batch_parser(sub)
+
     i = sub.add_parser("info", help="print a model file's metadata and SHA-256")
     i.add_argument("model", help="model file or registered model name")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -226,6 +229,60 @@ def _standardize(a: argparse.Namespace) -> int:
         dt = time.perf_counter() - t0
         print(f"wrote {out} ({n} slices, {dt:.1f} s, {dt / n:.2f} s/slice; model sha256 {model.sha256})")
     return 0
+
+
+def add_batch_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``batch``: a cohort (folder tree or list) to one kernel; the work is :mod:`LTDiffPPLib.batch`."""
+    b = subparsers.add_parser(
+        "batch", help="standardize every CT series below a folder (or in a CSV/JSON list) to one kernel",
+        description="Index every series below INPUT from its headers, convert those whose kernel differs from "
+                    "--target-kernel, mirror the tree under OUTPUT, record each series in OUTPUT/manifest.jsonl "
+                    "and write OUTPUT/report.html. Rerun the same command to resume: only what is not done is "
+                    "converted. Under torchrun the series are sharded across ranks.")
+    b.add_argument("input", help="folder tree of DICOM series (any depth, DICOMDIR exports) and image files, or a "
+                   ".csv/.json list of inputs (columns input[,source_kernel][,series_uid])")
+    b.add_argument("output", help="output folder (created; mirrors INPUT; holds manifest.jsonl and report.html)")
+    b.add_argument("--target-kernel", metavar="NAME", required=True, help="kernel to convert to (`ltdiffpp kernels`)")
+    b.add_argument("--source-kernel", metavar="NAME", help="kernel of the inputs whose header names none, or one "
+                   "without a known response (image files, anonymized DICOM, e.g. Br38f); a header naming a library "
+                   "kernel wins; default: estimated from each image")
+    b.add_argument("--model", help="model file or registered name (default: the registered model for each pair)")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    b.add_argument("--workers", type=_int_in(limits.WORKERS), default=1, help="worker processes on this machine "
+                   "(default 1; one per GPU where there are GPUs); each loads the model once")
+    b.add_argument("--dry-run", action="store_true", help="index and print what would be done; write nothing")
+    b.add_argument("--overwrite", action="store_true", help="convert again series already done and replace "
+                   "existing outputs")
+    b.add_argument("--force", action="store_true", help="convert despite the domain guard's overridable objections")
+    b.add_argument("--steps", type=_int_in(limits.STEPS), help="sampling steps, 1-1000 (default: the model's)")
+    b.add_argument("--solver", choices=["ddim", "dpmpp2m"], help="ODE solver (default: the model's)")
+    b.add_argument("--seed", type=_int_in(limits.SEED), default=0, help="seed of the shared noise field (default 0)")
+    b.add_argument("--batch-size", type=_int_in(limits.BATCH_SIZE), help="slices per forward pass")
+    b.add_argument("--precision", default="auto", choices=PRECISIONS, help="network arithmetic (default auto: "
+                   "bfloat16 on CUDA, and on CPUs with native bf16 for models whose bf16 CCC was measured within "
+                   "0.002 of float32; float32 otherwise)")
+    b.add_argument("--prefetch", type=_int_in((1, 8)), default=1, help="series read ahead while one converts "
+                   "(default 1; each holds one volume in memory)")
+    b.add_argument("--no-report", action="store_true", help="no QC thumbnails and no report.html")
+    b.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    b.set_defaults(func=_cmd_batch)
+    return b
+
+
+def _cmd_batch(a: argparse.Namespace) -> int:
+    from .batch import BatchOptions, run_batch
+
+    opts = BatchOptions(target_kernel=a.target_kernel, source_kernel=a.source_kernel, model=a.model, device=a.device,
+                        workers=a.workers, overwrite=a.overwrite, force=a.force, steps=a.steps, solver=a.solver,
+                        seed=a.seed, batch_size=a.batch_size, precision=a.precision, prefetch=a.prefetch,
+                        report=not a.no_report, quiet=a.quiet)
+    try:
+        run_batch(a.input, a.output, opts, dry_run=a.dry_run)
+    except KeyboardInterrupt:
+        print("ltdiffpp: interrupted; finished series are recorded in the manifest, rerun the same command to "
+              "resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0  # failed series are in the manifest (and the summary); the batch itself completed
 
 
 def _cmd_kernels(a: argparse.Namespace) -> int:
