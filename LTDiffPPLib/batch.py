@@ -276,10 +276,10 @@ def _index_entry(entry: _ListEntry, base: Path, out_root: Path, target: Any, def
 def _scan_dicom_folder(folder: Path) -> dict[str, list[tuple[Path, Any]]]:
     """The DICOM image headers directly in ``folder`` by SeriesInstanceUID (the reader's own scan: the
     same files it would read); a folder whose DICOM files are all non-images (reports, DICOMDIR) gives {}."""
-    from .io.dicom_read import _scan_folder
+    from .io.dicom_read import scan_dicom_folder
 
     try:
-        return _scan_folder(folder)
+        return scan_dicom_folder(folder)
     except InputError as exc:
         if str(exc).startswith("No DICOM image files found"):
             return {}
@@ -287,9 +287,9 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[tuple[Path, Any]]]:
 
 
 def _text(value: Any) -> str:
-    from .io.dicom_read import _text as text
+    from .io.dicom_read import tag_text
 
-    return text(value).strip()
+    return tag_text(value).strip()
 
 
 def _dicom_item(uid: str, files_ds: list[tuple[Path, Any]], base: Path, target: Any, source_kernel: str | None,
@@ -341,8 +341,8 @@ def _decide_kernel(item: BatchItem, manufacturer: Any, convolution_kernel: Any, 
                    source_kernel: str | None, model: str | os.PathLike | None,
                    written_kernel: str | None = None) -> BatchItem:
     """Convert / skip / fail by the source kernel the header (or the user) names, as the domain guard will."""
-    from .guard import model_for_pair
-    from .kernels import find_kernel, get_kernel, kernel_from_dicom
+    from .guard import model_for_pair, shipped_pairs_text
+    from .kernels import find_kernel, get_kernel, kernel_from_dicom, same_response
 
     if source_kernel:
         kernel, how = get_kernel(source_kernel), "given"
@@ -362,7 +362,7 @@ def _decide_kernel(item: BatchItem, manufacturer: Any, convolution_kernel: Any, 
     else:
         return replace(item, source_kernel_how="to be estimated from the image (an image file names no kernel)")
     item = replace(item, source_kernel=kernel.name, source_kernel_how=how)
-    if kernel.has_response and _same_response(kernel, target):
+    if kernel.has_response and same_response(kernel, target):
         return replace(item, decision="skip", reason=f"already {target.name} ({how})")
     if not kernel.has_response:
         return replace(item, decision="fail", reason=f"source kernel {kernel.name} ({how}) has no known frequency "
@@ -370,22 +370,9 @@ def _decide_kernel(item: BatchItem, manufacturer: Any, convolution_kernel: Any, 
                                                      "kernel with the same response, pass it as --source-kernel (or "
                                                      "a source_kernel column of a CSV/JSON input list)")
     if model is None and model_for_pair(kernel, target) is None:
-        from . import guard
-
-        pairs = (guard.shipped_pairs_text() if hasattr(guard, "shipped_pairs_text")
-                 else ", ".join(f"{s}->{t}" for _, s, t in guard.registered_pairs()))
         return replace(item, decision="fail", reason=f"no shipped model converts {kernel.name} -> {target.name} "
-                                                     f"(the shipped models convert {pairs})")
+                                                     f"(the shipped models convert {shipped_pairs_text()})")
     return item
-
-
-def _same_response(a: Any, b: Any) -> bool:
-    """The same kernel or one declared equivalent (the guard's rule; where it lives depends on the version)."""
-    try:
-        from .kernels import same_response
-    except ImportError:
-        from .guard import _same_response as same_response
-    return bool(same_response(a, b))
 
 
 def _leaf(item: BatchItem) -> str:
@@ -877,13 +864,13 @@ def _unexpected(doing: str, exc: BaseException) -> str:
 
 def _write_output(entry: _Loaded, converted: Any, meta: dict[str, Any], opts: BatchOptions) -> None:
     """Write one converted series where the index put it (atomically; the input is never touched)."""
-    from .cli import _series_description
+    from .io import series_description
     from .io import software_versions, write_volume
 
     plan = entry.plan
     out = Path(entry.item.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    description = _series_description(f"LTDiffPP {plan.source.kernel.name}->{plan.target.name}", meta["model"],
+    description = series_description(f"LTDiffPP {plan.source.kernel.name}->{plan.target.name}", meta["model"],
                                        meta["solver"], meta["steps"], opts.seed)
     provenance = {"software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
                   "model": meta["model"], "model_sha256": meta["model_sha256"],

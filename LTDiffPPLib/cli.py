@@ -31,7 +31,7 @@ from pathlib import Path
 from . import __version__, limits
 from .errors import InputError, LTDiffPPError, ModelFileError, OutputError
 from .inference import PRECISIONS
-from .io import check_output_path, read_volume, software_versions, write_volume
+from .io import check_output_path, read_volume, series_description, software_versions, write_volume
 from .io.atomic import check_not_input, output_lock
 from .io.formats import output_is_image
 from .modelfile import load_model, read_metadata, registry, resolve_model, sha256_file, verify_model_file
@@ -217,7 +217,7 @@ def _standardize(a: argparse.Namespace) -> int:
                                              precision=a.precision)
     finally:
         bar.close()
-    description = _series_description(f"LTDiffPP {plan.source.kernel.name}->{plan.target.name}",
+    description = series_description(f"LTDiffPP {plan.source.kernel.name}->{plan.target.name}",
                                       meta.get("name", model.path.stem), solver, steps, a.seed)
     provenance = {"software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
                   "model": str(meta.get("name", model.path.stem)), "model_sha256": model.sha256,
@@ -317,16 +317,6 @@ def _pairs() -> list[tuple[str, str, str]]:
     from .guard import registered_pairs
 
     return registered_pairs()
-
-
-def _series_description(kernels: str, name: str, solver: str, steps: int, seed: int) -> str:
-    """The output series' description, within DICOM's 64 characters (the model's name and the sampling
-    are also in DerivationDescription and the provenance): dropped piece by piece while it does not fit."""
-    for text in (f"{kernels} ({name}, {solver} {steps} steps, seed {seed})", f"{kernels} {name} {solver} {steps} steps",
-                 f"{kernels} {solver} {steps} steps seed {seed}", f"{kernels} {solver} {steps} steps", kernels):
-        if len(text) <= 64:
-            return text
-    return kernels[:64]
 
 
 def _cmd_simulate(a: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from .atomic import atomic_output, check_not_input, check_output_path, output_lock
 from .dicom_read import DicomSeriesInfo, list_dicom_series, read_dicom_series
-from .dicom_write import CT_IMAGE_STORAGE, write_dicom_series
+from .dicom_write import CT_IMAGE_STORAGE, series_description, write_dicom_series
 from .formats import IMAGE_EXTENSIONS, is_image_path, output_is_image
 from .images import from_sitk, read_image, resample_inplane, to_sitk, write_image
 from .machine import available_memory, cpu_name, software_versions
@@ -29,6 +29,7 @@ from .readwrite import read_volume, write_volume
 from .volume import HU_LIMITS, CTVolume, check_memory
 
 __all__ = [
+    "series_description",
     "CT_IMAGE_STORAGE", "HU_LIMITS", "IMAGE_EXTENSIONS", "CTVolume", "DicomSeriesInfo", "atomic_output",
     "available_memory", "check_memory", "check_not_input", "check_output_path", "cpu_name", "from_sitk",
     "is_image_path", "list_dicom_series", "output_is_image", "output_lock", "read_dicom_series", "read_image",

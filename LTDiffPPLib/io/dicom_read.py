@@ -40,7 +40,8 @@ class DicomSeriesInfo:
     cols: int
 
 
-def _text(value: object) -> str:
+def tag_text(value: object) -> str:
+    """A DICOM value as text: multi-valued elements joined by backslashes, None as the empty string."""
     if isinstance(value, pydicom.multival.MultiValue):
         return "\\".join(str(v) for v in value)
     return "" if value is None else str(value)
@@ -79,12 +80,12 @@ def _numbers(ds: Dataset, keyword: str, path: Path, count: int | None = None) ->
     try:
         numbers = [float(v) for v in items]
     except (TypeError, ValueError):
-        raise InputError(f"{path}: {keyword} is not numeric ({_text(value)[:64]!r}); the header is corrupted.") from None
+        raise InputError(f"{path}: {keyword} is not numeric ({tag_text(value)[:64]!r}); the header is corrupted.") from None
     if count is not None and len(numbers) != count:
         raise InputError(f"{path}: {keyword} has {len(numbers)} values, DICOM requires {count}; the header is "
                          "corrupted.")
     if not all(np.isfinite(numbers)):
-        raise InputError(f"{path}: {keyword} is not finite ({_text(value)[:64]!r}); the header is corrupted.")
+        raise InputError(f"{path}: {keyword} is not finite ({tag_text(value)[:64]!r}); the header is corrupted.")
     return numbers
 
 
@@ -109,13 +110,13 @@ def _declares_image(ds: Dataset) -> bool:
     try:
         if len(ds) == 0:
             return True
-        sop = _text(ds.get("SOPClassUID")) or _text(getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID"))
+        sop = tag_text(ds.get("SOPClassUID")) or tag_text(getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID"))
     except Exception:
         return True
     return not sop or any(sop == c or sop.startswith(c + ".") for c in _IMAGE_SOP_CLASSES)
 
 
-def _scan_folder(folder: str | os.PathLike) -> dict[str, list[tuple[Path, Dataset]]]:
+def scan_dicom_folder(folder: str | os.PathLike) -> dict[str, list[tuple[Path, Dataset]]]:
     """Headers of the DICOM image files directly inside ``folder``, grouped by SeriesInstanceUID.
 
     Files that are not DICOM are skipped; a file that is DICOM (by its 'DICM' marker or a .dcm/.dicom/.ima
@@ -155,7 +156,7 @@ def _scan_folder(folder: str | os.PathLike) -> dict[str, list[tuple[Path, Datase
         if "Rows" not in present or "Columns" not in present:
             raise InputError(f"{path} is a DICOM image without Rows/Columns; the file is corrupted, export the "
                              "series again or remove the file.")
-        series.setdefault(_text(_get(ds, "SeriesInstanceUID", path)), []).append((path, ds))
+        series.setdefault(tag_text(_get(ds, "SeriesInstanceUID", path)), []).append((path, ds))
     if not series:
         raise InputError(f"No DICOM image files found in folder {folder} (subfolders are not searched); "
                          "pass the folder that directly contains the series' files.")
@@ -164,14 +165,14 @@ def _scan_folder(folder: str | os.PathLike) -> dict[str, list[tuple[Path, Datase
 
 def _describe(uid: str, files: list[tuple[Path, Dataset]]) -> DicomSeriesInfo:
     path, ds = files[0]
-    return DicomSeriesInfo(uid, len(files), _text(_get(ds, "Modality", path)),
-                           _text(_get(ds, "SeriesDescription", path)), _text(_get(ds, "ConvolutionKernel", path)),
+    return DicomSeriesInfo(uid, len(files), tag_text(_get(ds, "Modality", path)),
+                           tag_text(_get(ds, "SeriesDescription", path)), tag_text(_get(ds, "ConvolutionKernel", path)),
                            _int(ds, "Rows", path, low=1), _int(ds, "Columns", path, low=1))
 
 
 def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeriesInfo]:
     """The DICOM series directly inside ``folder`` (not recursive), largest first."""
-    infos = [_describe(uid, files) for uid, files in _scan_folder(folder).items()]
+    infos = [_describe(uid, files) for uid, files in scan_dicom_folder(folder).items()]
     return sorted(infos, key=lambda s: (-s.n_files, s.series_uid))
 
 
@@ -181,7 +182,7 @@ def _series_table(infos: list[DicomSeriesInfo]) -> str:
 
 
 def _select_series(folder: Path, series_uid: str | None) -> list[tuple[Path, Dataset]]:
-    series = _scan_folder(folder)
+    series = scan_dicom_folder(folder)
     infos = sorted((_describe(u, f) for u, f in series.items()), key=lambda s: (-s.n_files, s.series_uid))
     if series_uid is None:
         if len(series) > 1:
@@ -199,7 +200,7 @@ def _check_ct(folder: Path, files: list[tuple[Path, Dataset]]) -> None:
         if _int(ds, "NumberOfFrames", path, default=1) > 1:
             raise InputError(f"{path} is a multi-frame (enhanced) DICOM file; only series with one slice per "
                              "file are supported.")
-    modalities = {_text(_get(ds, "Modality", path)) for path, ds in files}
+    modalities = {tag_text(_get(ds, "Modality", path)) for path, ds in files}
     if modalities - {"CT", ""}:
         raise InputError(f"Series in {folder} has modality {', '.join(sorted(modalities - {''}))}, not CT; "
                          "LTDiffPP only standardizes CT images.")
@@ -370,7 +371,7 @@ def _slice_hu(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarra
                                           max(pad, pad_limit if pad_limit is not None else pad))
     syntax = _transfer_syntax(ds)
     if syntax is None:
-        raise InputError(f"{path}: TransferSyntaxUID {_text(ds.file_meta.get('TransferSyntaxUID'))!r} is not a "
+        raise InputError(f"{path}: TransferSyntaxUID {tag_text(ds.file_meta.get('TransferSyntaxUID'))!r} is not a "
                          "DICOM transfer syntax; the file is corrupted.")
     try:
         with warnings.catch_warnings():

@@ -16,7 +16,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from ..errors import InputError
 from .atomic import atomic_output, check_not_input, write_failure
-from .dicom_read import _text
+from .dicom_read import tag_text
 from .machine import software_versions
 from .volume import CTVolume
 
@@ -39,6 +39,17 @@ _TYPE2_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "St
                "AcquisitionNumber", "PatientPosition", "Laterality")
 
 
+def series_description(kernels: str, name: str, solver: str, steps: int, seed: int) -> str:
+    """The description of a converted series (``kernels``: e.g. "LTDiffPP B30f->B70f"; model ``name``,
+    sampling ``solver``/``steps`` and ``seed``), within DICOM's 64 characters (the model's name and the sampling
+    are also in DerivationDescription and the provenance): dropped piece by piece while it does not fit."""
+    for text in (f"{kernels} ({name}, {solver} {steps} steps, seed {seed})", f"{kernels} {name} {solver} {steps} steps",
+                 f"{kernels} {solver} {steps} steps seed {seed}", f"{kernels} {solver} {steps} steps", kernels):
+        if len(text) <= 64:
+            return text
+    return kernels[:64]
+
+
 def _ds(value: float) -> str:
     """A number as a DICOM decimal string (at most 16 characters)."""
     return format_number_as_ds(float(round(value, 6)) + 0.0)
@@ -57,23 +68,23 @@ def _new_series_dataset(volume: CTVolume, series_description: str, convolution_k
     if volume.dicom_header is None:
         ds.PatientName, ds.PatientID, ds.StudyInstanceUID = "Anonymous", "LTDiffPP", generate_uid()
         ds.StudyDate, ds.StudyTime = today, now_time
-    if "SpecificCharacterSet" in ds and not _text(ds.SpecificCharacterSet):
+    if "SpecificCharacterSet" in ds and not tag_text(ds.SpecificCharacterSet):
         del ds.SpecificCharacterSet  # empty is not allowed (type 1C); absent means the default repertoire
-    if not _text(ds.get("StudyInstanceUID")):
+    if not tag_text(ds.get("StudyInstanceUID")):
         ds.StudyInstanceUID = generate_uid()  # type 1: a source without one gets a new study
     for keyword in _TYPE2_TAGS:  # required, possibly empty
         if keyword not in ds:
             setattr(ds, keyword, "")
     ds.SOPClassUID, ds.Modality, ds.ImageType = CT_IMAGE_STORAGE, "CT", ["DERIVED", "SECONDARY", "AXIAL"]
     ds.SeriesInstanceUID = generate_uid()
-    ds.FrameOfReferenceUID = _text(header.get("FrameOfReferenceUID")) or generate_uid()
-    old_number = _text(header.get("SeriesNumber"))
+    ds.FrameOfReferenceUID = tag_text(header.get("FrameOfReferenceUID")) or generate_uid()
+    old_number = tag_text(header.get("SeriesNumber"))
     ds.SeriesNumber = int(old_number) + 1000 if old_number.lstrip("-").isdigit() else 1000
     ds.SeriesDescription = _fit(series_description, 64, "SeriesDescription")
     if convolution_kernel:
         ds.ConvolutionKernel = _fit(convolution_kernel, 16, "ConvolutionKernel")
-    source = _text(header.get("SeriesInstanceUID")) or volume.source or "(unknown)"
-    source_kernel = _text(header.get("ConvolutionKernel"))
+    source = tag_text(header.get("SeriesInstanceUID")) or volume.source or "(unknown)"
+    source_kernel = tag_text(header.get("ConvolutionKernel"))
     ds.DerivationDescription = (f"LTDiffPP reconstruction-kernel standardization of series {source}"
                                 + (f" (kernel {source_kernel})" if source_kernel else "")
                                 + (f" to kernel {convolution_kernel}" if convolution_kernel else "")
