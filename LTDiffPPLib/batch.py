@@ -51,6 +51,7 @@ from typing import Any
 
 from .errors import InputError, LTDiffPPError, OutputError
 from .io import check_not_input, output_lock
+from .io.dicom_read import looks_like_dicom
 from .io.formats import IMAGE_EXTENSIONS, _image_ext
 
 MANIFEST = "manifest.jsonl"
@@ -68,9 +69,6 @@ BF16_MEASURED = {
     "d0fd990e7d383490ad824d5338d341922f81187fbb24605eb4c269c9402303ec":
         "ltdiffpp-b30f-b70f: mean CCC +0.002 on test1 and 0.000 on the held-out volume against float32",
 }
-
-_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
-
 
 # ------------------------------------------------------------------------------------------------ index
 @dataclass
@@ -98,19 +96,6 @@ class BatchItem:
     given_source_kernel: str | None = None
     output: str = ""
     description: str = ""
-
-
-def _has_dicm_marker(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _looks_dicom(path: Path) -> bool:
-    return path.suffix.lower() in _DICOM_SUFFIXES or _has_dicm_marker(path)
 
 
 def _image_slices(path: Path) -> tuple[int, dict[str, str]]:
@@ -256,7 +241,7 @@ def _index_entry(entry: _ListEntry, base: Path, out_root: Path, target: Any, def
         for f in files:
             if _image_ext(f) is not None:
                 items.append(_image_item(f, os.path.relpath(f, base), target, source_kernel or default_source, model))
-        if not any(_looks_dicom(f) for f in files if _image_ext(f) is None):
+        if not any(looks_like_dicom(f) for f in files if _image_ext(f) is None):
             continue
         try:
             series = _scan_dicom_folder(folder)

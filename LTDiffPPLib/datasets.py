@@ -237,6 +237,17 @@ def split_by_patient(patients: Iterable[str], *, val: float = 0.1, test: float =
     return out
 
 
+def _patient_splits(patients: list[str], fixed: Mapping[str, str] | None, val: float, test: float,
+                    seed: int) -> dict[str, str]:
+    """Patient → subset: the ``fixed`` ones as given, the others by :func:`split_by_patient`."""
+    bad = {p: v for p, v in (fixed or {}).items() if v not in SPLITS}
+    if bad:
+        raise InputError(f"unknown subsets {bad}; use one of {', '.join(SPLITS)}")
+    split = split_by_patient((p for p in patients if p not in (fixed or {})), val=val, test=test, seed=seed)
+    split.update(fixed or {})
+    return split
+
+
 def write_dataset(
     pairs: Sequence[Pair],
     out_dir: str | os.PathLike,
@@ -254,14 +265,10 @@ def write_dataset(
     """
     if not pairs:
         raise InputError("no pairs to write")
-    bad = {p: s for p, s in (splits or {}).items() if s not in SPLITS}
-    if bad:
-        raise InputError(f"unknown subsets {bad}; use one of {', '.join(SPLITS)}")
     kernels = {(p.source_kernel, p.target_kernel) for p in pairs}
     if len({k for k, _ in kernels}) > 1 and any(p.kind == "simulated" for p in pairs):
         raise InputError(f"simulated pairs must share one source and one target kernel, got {sorted(kernels)}")
-    split = split_by_patient((p.patient for p in pairs if p.patient not in (splits or {})), val=val, test=test, seed=seed)
-    split.update(splits or {})
+    split = _patient_splits([p.patient for p in pairs], splits, val, test, seed)
     out_dir = Path(out_dir)
     entries = []
     with atomic_output(out_dir, overwrite=overwrite, is_dir=True) as tmp:
@@ -273,9 +280,7 @@ def write_dataset(
                 np.save(tmp / "arrays" / f"{pid}_{role}.npy", _to_int16(vol.hu))
             entries.append({
                 "id": pid, "patient": p.patient, "split": split[p.patient], "kind": p.kind,
-                "source_kernel": p.source_kernel, "target_kernel": p.target_kernel,
-                "shape": list(p.source.hu.shape), "spacing_mm": list(p.source.spacing),
-                "origin_mm": list(p.source.origin), "direction": list(p.source.direction),
+                "source_kernel": p.source_kernel, "target_kernel": p.target_kernel, **_grid_fields(p.source),
                 "dose": p.dose, "thickness_mm": p.thickness_mm,
                 "source": f"arrays/{pid}_source.npy", "target": f"arrays/{pid}_target.npy",
                 "provenance": p.provenance,
@@ -310,11 +315,7 @@ def write_multikernel_dataset(
     odd = [s.patient for s in scans if list(s.volumes) != kernels]
     if odd:
         raise InputError(f"every scan must hold the kernels {kernels}; {odd[:3]} do not")
-    bad = {p: v for p, v in (splits or {}).items() if v not in SPLITS}
-    if bad:
-        raise InputError(f"unknown subsets {bad}; use one of {', '.join(SPLITS)}")
-    split = split_by_patient((s.patient for s in scans if s.patient not in (splits or {})), val=val, test=test, seed=seed)
-    split.update(splits or {})
+    split = _patient_splits([s.patient for s in scans], splits, val, test, seed)
     out_dir = Path(out_dir)
     entries = []
     with atomic_output(out_dir, overwrite=overwrite, is_dir=True) as tmp:
@@ -329,9 +330,7 @@ def write_multikernel_dataset(
                 images[k] = f"arrays/{sid}_{_safe(k)}.npy"
                 np.save(tmp / images[k], _to_int16(sc.volumes[k].hu))
             entries.append({
-                "id": sid, "patient": sc.patient, "split": split[sc.patient], "kind": sc.kind,
-                "shape": list(first.hu.shape), "spacing_mm": list(first.spacing),
-                "origin_mm": list(first.origin), "direction": list(first.direction),
+                "id": sid, "patient": sc.patient, "split": split[sc.patient], "kind": sc.kind, **_grid_fields(first),
                 "dose": sc.dose, "thickness_mm": sc.thickness_mm, "images": images, "provenance": sc.provenance,
             })
         manifest = {
@@ -341,6 +340,12 @@ def write_multikernel_dataset(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
+
+
+def _grid_fields(vol: CTVolume) -> dict[str, list]:
+    """The manifest's record of an entry's voxel grid: shape (z, y, x), spacing (x, y, z) mm, origin, direction."""
+    return {"shape": list(vol.hu.shape), "spacing_mm": list(vol.spacing), "origin_mm": list(vol.origin),
+            "direction": list(vol.direction)}
 
 
 def _safe(name: str) -> str:

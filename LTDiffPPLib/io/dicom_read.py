@@ -53,6 +53,11 @@ _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _IMAGE_HINTS = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 
 
+def looks_like_dicom(path: Path) -> bool:
+    """A DICOM file by its name (.dcm, .dicom, .ima) or its 'DICM' marker at byte 128."""
+    return path.suffix.lower() in _DICOM_SUFFIXES or _has_dicm_marker(path)
+
+
 def _has_dicm_marker(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -139,7 +144,7 @@ def scan_dicom_folder(folder: str | os.PathLike) -> dict[str, list[tuple[Path, D
                 warnings.simplefilter("ignore")  # pydicom's warnings about odd values: checked below
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as exc:
-            if path.suffix.lower() in _DICOM_SUFFIXES or _has_dicm_marker(path):
+            if looks_like_dicom(path):
                 raise InputError(f"{path} is a DICOM file that cannot be parsed (truncated or corrupted: "
                                  f"{type(exc).__name__}: {exc}); export the series again or remove the file.") from exc
             log.debug("skipping %s: %s", path, exc)  # not DICOM (notes, thumbnails, ...)
