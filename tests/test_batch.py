@@ -158,8 +158,15 @@ def test_index_decisions_from_headers_only(cohort, tmp_path, tiny_model_path, mo
     assert odd.decision == "fail" and "XYZ99" in odd.reason and "--source-kernel" in odd.reason
 
 
-def test_index_without_a_shipped_model_fails_the_pair(cohort, tmp_path):
-    """No --model: a pair no registered model converts is refused at the index, naming the shipped pairs."""
+def test_index_without_a_shipped_model_fails_the_pair(cohort, tmp_path, monkeypatch):
+    """No --model: a pair no registered model converts is refused at the index, naming the shipped pairs
+    (a registry of the per-pair models only: the kernel-conditioned one converts every pair of its kernels)."""
+    from LTDiffPPLib import modelcard
+
+    reg = json.loads(modelcard.REGISTRY_PATH.read_text())
+    reg["models"] = [m for m in reg["models"] if m["source_kernel"] != "any"]
+    (tmp_path / "registry.json").write_text(json.dumps(reg))
+    monkeypatch.setattr(modelcard, "REGISTRY_PATH", tmp_path / "registry.json")
     items = batch.index_inputs(cohort, tmp_path / "o", "B50f", source_kernel="B70f")
     b70 = next(i for i in items if i.key.startswith("pA/ct_b70"))
     assert b70.decision == "fail" and "no shipped model converts B70f -> B50f" in b70.reason
