@@ -15,7 +15,9 @@ a :class:`DomainError` that names everything that is wrong and how to override i
   size and back (kernel texture is a function of mm⁻¹, not of pixels);
 - **size**: slices smaller than :data:`MIN_SLICE_PX` in y or x are refused;
 - **values**: images with no voxel below 0 HU (an 8-bit display image, raw unsigned stored values) are
-  refused as not HU.
+  refused as not HU;
+- **doubtful responses**: a source or target kernel whose library response real measurements contradict
+  (``Kernel.doubtful``: GE SOFT/STANDARD/CHEST) is refused.
 
 Refusals other than an unknown target kernel and a missing model can be overridden with ``force=True``
 (``--force``): the plan records what was overridden (:attr:`ConversionPlan.overridden`) and it goes into
@@ -232,8 +234,11 @@ def plan_conversion(volume: CTVolume, target_kernel: str | None = None, source_k
     if source.kernel is None:
         fallback = get_kernel(meta["source_kernel"]) if meta is not None and trained is None else None
         if fallback is None:
-            pair = [p for p in registered_pairs() if same_response(get_kernel(p[2]), target)]
-            fallback = get_kernel(pair[0][1]) if len(pair) == 1 else None
+            # the source of the one per-pair model converting to the target (the kernel-conditioned model
+            # converts from any of its kernels: no single one to assume)
+            fixed = [e for e in registry()[0] if e.source_kernel != ANY_KERNEL
+                     and same_response(get_kernel(e.target_kernel), target)]
+            fallback = get_kernel(fixed[0].source_kernel) if len(fixed) == 1 else None
         hint = ("pass --source-kernel NAME (`ltdiffpp kernels` lists the library)"
                 + (f", or --force to treat it as {fallback.name}" if fallback is not None else ""))
         text = f"{name}: source kernel unknown — {source.note or 'no kernel found'}; {hint}"
@@ -253,6 +258,9 @@ def plan_conversion(volume: CTVolume, target_kernel: str | None = None, source_k
                           f"can convert it{hint}")
     if same_response(source.kernel, target):
         raise NothingToConvert(f"{name} is already {target.name} ({source.describe()}); nothing to convert")
+    for role, kernel in (("source", source.kernel), ("target", target)):
+        if kernel.doubtful:  # a response that measurements on real data contradict: converting would mislead
+            problem(f"the {role} kernel {kernel.name}'s library response is doubtful ({kernel.caveat.removeprefix('doubtful: ')})")
 
     if meta is not None:
         model_name = str(model)

@@ -94,6 +94,12 @@ class Kernel:
     def has_response(self) -> bool:
         return self.calibration != "none"
 
+    @property
+    def doubtful(self) -> bool:
+        """Its response is contradicted by measurements on real data (the ``caveat`` says which): the guard
+        converts from or to it only with ``force``."""
+        return self.caveat.startswith("doubtful")
+
     def window(self, f_mm: np.ndarray) -> np.ndarray:
         """W(|f|), f in mm⁻¹ (any shape). Raises :class:`InputError` for a kernel without a response."""
         f = np.abs(np.asarray(f_mm, dtype=np.float64))

@@ -1,5 +1,6 @@
 """The domain guard: every input is checked before any work; refused (nothing written) or adapted and said so."""
 
+import json
 import math
 import warnings
 
@@ -69,9 +70,18 @@ def test_a_given_kernel_contradicting_the_header_needs_force():
     assert "Br38f" in plan.provenance()["source_kernel"]
 
 
-def test_kernels_without_a_response_or_a_model_are_refused():
+def test_kernels_without_a_response_or_a_model_are_refused(tmp_path, monkeypatch):
     with pytest.raises(DomainError, match="Philips-C .* no known frequency response"):
         plan_conversion(_with_header(_volume(), "C", "Philips"), "B70f")
+    # a pair without a per-pair model goes to the kernel-conditioned model ...
+    assert plan_conversion(_volume(), "B70f", source_kernel="B10f").model == "ltdiffpp-kernel-conditioned"
+    # ... and without it (a registry of the per-pair models only) is refused, naming what is shipped
+    from LTDiffPPLib import modelcard
+
+    reg = json.loads(modelcard.REGISTRY_PATH.read_text())
+    reg["models"] = [m for m in reg["models"] if m["source_kernel"] != "any"]
+    (tmp_path / "registry.json").write_text(json.dumps(reg))
+    monkeypatch.setattr(modelcard, "REGISTRY_PATH", tmp_path / "registry.json")
     with pytest.raises(DomainError, match="no shipped model converts B10f -> B70f.*B30f->B70f"):
         plan_conversion(_volume(), "B70f", source_kernel="B10f")
     with pytest.raises(InputError, match="unknown kernel 'B71x'"):
@@ -167,7 +177,10 @@ def test_cli_refusal_writes_nothing_and_force_records_the_override(tmp_path, tin
 def test_real_series_of_other_vendors_are_identified_and_refused(shared_data, tmp_path, capsys):
     ge = shared_data / "chest_ct" / "dcmqi_ge_standard"
     assert main(["standardize", str(ge), str(tmp_path / "ge.nrrd"), "--quiet"]) == 2
-    assert "no shipped model converts GE-STANDARD -> B70f" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the kernel-conditioned model could convert it, but its response is doubtful
+    assert "source kernel GE-STANDARD's library response is doubtful" in err and "--force" in err
+    plan = plan_conversion(io.read_volume(ge), "B70f", force=True, warn=False)
+    assert plan.model == "ltdiffpp-kernel-conditioned" and "doubtful" in plan.provenance()["overridden"]
     philips = shared_data / "chest_ct" / "itkelastix_philips_C"
     vol = io.read_volume(philips)
     with pytest.raises(DomainError, match="Philips-C"):
