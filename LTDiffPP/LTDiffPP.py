@@ -82,10 +82,10 @@ class LTDiffPP(ScriptedLoadableModule):
         self.parent.contributors = CONTRIBUTORS
         self.parent.helpText = _(
             "Makes CT scans reconstructed with different kernels comparable for radiomics: it converts a CT "
-            "reconstructed with a smooth kernel (Siemens B30f) so that its texture looks as if it had been "
-            "reconstructed with a sharper one (B70f or B50f, one model each), with LTDiff++, a latent diffusion "
-            "model. Texture (radiomic) features of the converted image agree better with those of a real "
-            "sharp-kernel image.<br>"
+            "from its reconstruction kernel to the one you choose, smooth to sharp or sharp to smooth (Siemens "
+            "B10f, B30f, B50f, B70f, B40f; Philips D), so that its texture looks as if it had been reconstructed "
+            "with the target kernel, with LTDiff++, a latent diffusion model. Texture (radiomic) features of the "
+            "converted image agree better with those of a real target-kernel image.<br>"
             "Caveats: the shipped models were trained on simulated image pairs (a digital chest phantom and a "
             "chest CT scanned by a CT simulator), for 0.7 mm pixels, and validated on one real Siemens slice; "
             "for research, not for diagnosis. The panel lists the chosen model's caveats.<br>"
@@ -266,6 +266,8 @@ class LTDiffPPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------------- model choice
     def _populateModels(self) -> None:
+        from LTDiffPPLib.runner import pair_text
+
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
@@ -278,8 +280,7 @@ class LTDiffPPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(_("Automatic: the model for the kernel pair"), "")
         for entry in entries:
             mark = _(" (default)") if entry["name"] == default else ""
-            combo.addItem(f"{entry['name']}{mark}: {entry['source_kernel']} \u2192 {entry['target_kernel']}",
-                          entry["name"])
+            combo.addItem(f"{entry['name']}{mark}: {pair_text(entry)}", entry["name"])
         if not entries:
             combo.addItem(_("(no model shipped yet: load a model file)"), "")
         combo.blockSignals(wasBlocked)
@@ -484,7 +485,7 @@ class LTDiffPPLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def modelInfoText(model) -> str:
-        from LTDiffPPLib.runner import list_models, model_summary
+        from LTDiffPPLib.runner import list_models, model_summary, pair_text
 
         if not model:
             _entries, default = list_models()
@@ -495,7 +496,7 @@ class LTDiffPPLogic(ScriptedLoadableModuleLogic):
             s = model_summary(model)
         except Exception as exc:
             return str(exc)
-        text = f"{s['source_kernel']} \u2192 {s['target_kernel']}; {s['steps']} steps by default"
+        text = f"{pair_text(s)}; {s['steps']} steps by default"
         if s["untrained"]:
             text += _("; UNTRAINED model (random weights): output is not a kernel conversion")
         return text

@@ -183,6 +183,14 @@ def model_summary(model: str | os.PathLike) -> dict[str, Any]:
             "registry_description": by_name[str(model)].description if registered else ""}
 
 
+def pair_text(entry: dict[str, Any]) -> str:
+    """What a registry entry or :func:`model_summary` converts, for the panel: "B30f → B70f", or "any two of
+    B10f, B30f, …" for a kernel-conditioned model."""
+    if entry.get("kernels"):
+        return "any two of " + ", ".join(entry["kernels"])
+    return f"{entry['source_kernel']} \u2192 {entry['target_kernel']}"
+
+
 def model_caveats(model: str | os.PathLike | None = None) -> list[str]:
     """What a user must know before trusting a model's output, in plain words, from its model card and
     the registry (torch-free): how it was trained, which kernels and pixel sizes, what it was validated on.

@@ -49,11 +49,14 @@ class SampleFile:
 
 
 def sample_kernels() -> list[str]:
-    """The source and target kernels of the shipped models, in registry order (no duplicates)."""
+    """The source and target kernels of the shipped per-pair models, in registry order (no duplicates; the
+    kernel-conditioned model, whose kernels are "any", adds none: the sample stays three scans)."""
     from .runner import list_models
 
     kernels: list[str] = []
     for entry in list_models()[0]:
+        if entry["kernels"]:  # a kernel-conditioned model
+            continue
         for kernel in (entry["source_kernel"], entry["target_kernel"]):
             if kernel not in kernels:
                 kernels.append(kernel)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/kernel_pairs.py --dataset ../runs/ds-multi --out DIR
         [--model ltdiffpp-kernel-conditioned] [--pairs B10f:B70f,...] [--steps 4] [--seed 0]
-        [--rois 200] [--workers 2] [--data ../shared/data/paired_kernels]
+        [--rois 200] [--workers 2] [--data ../shared/data/paired_kernels] [--held-out]
 
 For each pair (source S, target T) the real test1 slice reconstructed with S is converted to T and compared
 with the real T slice by ``LTDiffPPLib.evaluation.evaluate`` (the same 200 ROIs of 32 px for every method
@@ -18,7 +18,9 @@ of a pair, PyRadiomics features, CCC per feature and per paper class), beside:
   images carry no header).
 
 test1_B10.mha and test1_B70.mha lost their pixel spacing (they say 1.0 mm); their pixels are put on
-test1_B30's grid (the four are one reconstruction grid). Writes DIR/<S>-<T>/ (images, evaluation/) and
+test1_B30's grid (the four are one reconstruction grid). ``--held-out``: instead of test1, the dataset's
+held-out test volume (simulated, the Siemens Br38f patient) with S as source and T as reference (no peer
+output exists for it). Writes DIR/<S>-<T>/ (images, evaluation/) and
 DIR/summary.md + DIR/summary.json: per pair and method the mean CCC, the fraction of features with
 CCC ≥ 0.85 and the mean per class.
 """
@@ -30,6 +32,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,6 +65,13 @@ def test1(data: Path, kernel: str) -> CTVolume:
     return grid.with_hu(vol.hu.reshape(grid.hu.shape).astype("float32"))
 
 
+def held_out(ds, kernel: str) -> CTVolume:
+    """The ``kernel`` image of the dataset's (one) test-split scan, with its geometry."""
+    (entry,) = ds.subset("test")
+    return CTVolume(hu=np.asarray(ds.image(entry, kernel), np.float32), spacing=tuple(entry["spacing_mm"]),
+                    origin=tuple(entry["origin_mm"]), direction=tuple(entry["direction"]), source=f"{entry['id']} {kernel}")
+
+
 def per_pair_models() -> dict[tuple[str, str], str]:
     """The registered models of one fixed pair."""
     fixed = {e.name for e in registry()[0] if e.source_kernel != "any"}
@@ -78,6 +89,7 @@ def main() -> int:
     ap.add_argument("--rois", type=int, default=200)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "paired_kernels")
+    ap.add_argument("--held-out", action="store_true", help="the dataset's test volume instead of test1")
     a = ap.parse_args()
     pairs = ([tuple(p.split(":")) for p in a.pairs.split(",")] if a.pairs else ordered_pairs(KERNELS))
     ds = load_dataset(a.dataset)
@@ -101,13 +113,13 @@ def main() -> int:
         t0 = time.perf_counter()
         folder = a.out / key
         (folder / "images").mkdir(parents=True, exist_ok=True)
-        src, ref = test1(a.data, s), test1(a.data, t)
+        src, ref = (held_out(ds, s), held_out(ds, t)) if a.held_out else (test1(a.data, s), test1(a.data, t))
         ref_path = write_image(ref, folder / "images" / f"reference_{t}.nrrd", overwrite=True)
         cands = {UNCONVERTED: write_image(src, folder / "images" / f"source_{s}.nrrd", overwrite=True)}
         ratio, _ = kernel_ratio_from_dataset(ds, "train", (s, t))
         filtered = src.with_hu(apply_kernel_ratio(src.hu, (src.spacing[1], src.spacing[0]), ratio))
         cands[FILTER] = write_image(filtered, folder / "images" / "filter_out_of_patient.nrrd", overwrite=True)
-        if (s, t) in PEER and (a.data / PEER[(s, t)]).is_file():
+        if not a.held_out and (s, t) in PEER and (a.data / PEER[(s, t)]).is_file():
             peer = ref.with_hu(read_volume(a.data / PEER[(s, t)]).hu.reshape(ref.hu.shape).astype("float32"))
             cands[PEER_NAME] = write_image(peer, folder / "images" / "peer.nrrd", overwrite=True)
         seconds = {}

@@ -530,7 +530,8 @@ def test_kernel_preview_says_what_apply_would_do(scene, tiny_model_path):
     node.SetAttribute("DICOM.instanceUIDs", "1.2.3 1.2.4")
     assert node_dicom_kernel(node, Database()) == ("SIEMENS", "B50f")
     assert kernel_preview(node, "B50f", dicom_database=Database()).startswith("Nothing to convert: CT is already B50f")
-    assert "no shipped model converts B50f -> B70f" in kernel_preview(node, dicom_database=Database())
+    # a pair without a per-pair model: the kernel-conditioned model converts it, and the preview says so
+    assert "model ltdiffpp-kernel-conditioned" in kernel_preview(node, dicom_database=Database())
     node.SetAttribute("DICOM.Manufacturer", "Philips")
     node.SetAttribute("DICOM.ConvolutionKernel", "C")  # node attributes come first
     assert "Philips-C (DICOM header: Philips C) has no known frequency response" in kernel_preview(node)
