@@ -387,7 +387,7 @@ def _assign_outputs(items: list[BatchItem], base: Path, out_root: Path) -> None:
             dicom_folders[it.input] = dicom_folders.get(it.input, 0) + 1
     inputs = [Path(it.input) for it in items]
     for it in items:
-        if it.kind != "dicom" or not it.series_uid:
+        if it.kind != "dicom" or it.decision == "fail":  # an empty SeriesInstanceUID (anonymized) is one series too
             continue
         here = Path(it.input)
         nested = any(p != here and here in p.parents for p in inputs)

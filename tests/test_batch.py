@@ -239,6 +239,18 @@ def test_batch_end_to_end_resume_and_overwrite(cohort, tmp_path, tiny_model_path
     assert len(runs) == 1 and runs != {lost["run"]}
 
 
+def test_series_without_a_series_uid_is_converted(tmp_path, tiny_model_path):
+    """An anonymized series with an empty SeriesInstanceUID (like the real Br38f example) is one series with an
+    output of its own (it used to fail: no output path was assigned to it)."""
+    _series(tmp_path / "in" / "anon", 21, SeriesInstanceUID="")
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "in"), str(out), "--target-kernel", "B70f", "--model", str(tiny_model_path),
+                 "--steps", "1", "--quiet", "--no-report"]) == 0
+    (record,) = batch.read_manifest(out / "manifest.jsonl")
+    assert record["status"] == "done" and record["series_uid"] == "" and record["output"] == str(out / "anon")
+    assert len(list((out / "anon").iterdir())) == 2
+
+
 def test_local_workers_split_the_series(cohort, tmp_path, tiny_model_path):
     """--workers 2: two processes, each series converted by exactly one, one merged manifest."""
     out = tmp_path / "out"
