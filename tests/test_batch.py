@@ -500,7 +500,15 @@ def test_torchrun_two_ranks_killed_rank_and_rerun(real_tree, tmp_path, tiny_mode
     p.communicate(timeout=240)
     assert killed is not None, "rank 1 never recorded a series"
     assert p.returncode != 0
-    first = batch.load_records(out)
+    # the surviving rank, stopped by torchrun, records the series it has in hand and may do so just after
+    # torchrun itself has exited: wait until the manifest stops changing
+    first, deadline = batch.load_records(out), time.time() + 60
+    while time.time() < deadline:
+        time.sleep(2.0)
+        now = batch.load_records(out)
+        if now == first:
+            break
+        first = now
     done_first = {k: r for k, r in first.items() if r["status"] == "done"}
     assert 1 <= len(done_first) < 4
     uids = {k: read_volume(r["output"]).dicom_header.SeriesInstanceUID for k, r in done_first.items()}
