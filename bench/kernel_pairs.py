@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from LTDiffPPLib.baselines import apply_kernel_ratio, kernel_ratio_from_dataset
 from LTDiffPPLib.datasets import load_dataset
 from LTDiffPPLib.evaluation import evaluate
-from LTDiffPPLib.guard import registered_pairs
+from LTDiffPPLib.guard import ANY_KERNEL, registered_pairs
 from LTDiffPPLib.inference import standardize_volume
 from LTDiffPPLib.io import CTVolume, read_volume, write_image
 from LTDiffPPLib.kernels import ordered_pairs
@@ -74,7 +74,7 @@ def held_out(ds, kernel: str) -> CTVolume:
 
 def per_pair_models() -> dict[tuple[str, str], str]:
     """The registered models of one fixed pair."""
-    fixed = {e.name for e in registry()[0] if e.source_kernel != "any"}
+    fixed = {e.name for e in registry()[0] if e.source_kernel != ANY_KERNEL}
     return {(s, t): name for name, s, t in registered_pairs() if name in fixed}
 
 
