@@ -233,9 +233,11 @@ def find_kernel(name: str) -> Kernel | None:
     return bare[0] if len(bare) == 1 else None
 
 
-def get_kernel(name: str) -> Kernel:
-    """The library kernel called ``name`` (see :func:`find_kernel`); :class:`InputError` naming the
-    library's kernels otherwise."""
+def get_kernel(name: str | Kernel) -> Kernel:
+    """The library kernel called ``name`` (see :func:`find_kernel`; a :class:`Kernel` is returned as it is);
+    :class:`InputError` naming the library's kernels otherwise."""
+    if isinstance(name, Kernel):
+        return name
     k = find_kernel(name)
     if k is None:
         raise InputError(f"unknown kernel {name!r}; the kernel library knows {', '.join(kernel_library())} "

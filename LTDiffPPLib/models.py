@@ -171,8 +171,7 @@ def pair_code(source: Any, target: Any) -> np.ndarray:
     at :data:`PAIR_FREQUENCIES_MM`, each clipped to ±4. ``source`` / ``target``: library names or kernels."""
     from .kernels import get_kernel, pair_gain
 
-    ks = source if hasattr(source, "window") else get_kernel(source)
-    kt = target if hasattr(target, "window") else get_kernel(target)
+    ks, kt = get_kernel(source), get_kernel(target)
     f = np.asarray(PAIR_FREQUENCIES_MM)
     log_g = np.log(pair_gain(ks, kt, f))
     log_wt = np.log(np.maximum(kt.window(f), np.exp(-_LOG_CLIP)))
@@ -507,8 +506,7 @@ class LTDiffPPNet(nn.Module):
 
         if not self.config.kernel_conditioned:
             raise ValueError("set_pair is for kernel-conditioned models; this model converts one fixed pair")
-        ks = source if hasattr(source, "window") else get_kernel(source)
-        kt = target if hasattr(target, "window") else get_kernel(target)
+        ks, kt = get_kernel(source), get_kernel(target)
         if not (ks.has_response and kt.has_response):
             raise ValueError(f"kernels without a frequency response cannot be converted ({ks.name} → {kt.name})")
         f = np.arange(self.prior.gain.numel()) * self.prior.step
