@@ -112,16 +112,15 @@ def save_model(
     meta = dict(metadata)
     meta["config"] = net.config.to_dict()
     meta["latent"] = {"mean": net.latent_mean.tolist(), "std": net.latent_std.tolist()}
-    if net.prior is not None and net.config.kernel_conditioned:  # the gain is the library's, per pair
+    if net.prior is not None:
         meta["latent"]["residual_std"] = net.residual_std.tolist()
-        meta["kernel_prior"] = {k: v for k, v in meta.get("kernel_prior", {}).items() if k != "gain"}
-        meta["kernel_prior"]["frequency_step_per_mm"] = net.prior.step
-        if not meta.get("kernels"):
+        prior = {k: v for k, v in meta.get("kernel_prior", {}).items() if k != "gain"}
+        prior["frequency_step_per_mm"] = net.prior.step
+        if not net.config.kernel_conditioned:
+            prior["gain"] = [round(float(g), 6) for g in net.prior.gain]
+        elif not meta.get("kernels"):  # its gain is the library's, per pair: no table, but its kernels
             raise ModelFileError(f"{path}: a kernel-conditioned model's metadata must list its kernels")
-    elif net.prior is not None:
-        meta["latent"]["residual_std"] = net.residual_std.tolist()
-        meta["kernel_prior"] = {**meta.get("kernel_prior", {}), "frequency_step_per_mm": net.prior.step,
-                                "gain": [round(float(g), 6) for g in net.prior.gain]}
+        meta["kernel_prior"] = prior
     else:
         meta.pop("kernel_prior", None)
     _check_metadata(meta, path)
