@@ -494,8 +494,9 @@ class ImageKernelEstimate:
 RMS_SCALE = 0.05
 MIN_CONFIDENCE = 0.5
 MAX_RMS = 3 * RMS_SCALE
-#: Library responses closer than this (RMS of system MTF) cannot be told apart by an edge.
-SAME_RESPONSE_RMS = 0.03
+#: Library responses closer than this (RMS of system MTF) cannot be told apart by an edge: one misfit scale, the
+#: spread of one measurement. The mid-sharp kernels (B40f, GE CHEST/STANDARD, Philips D) lie 0.03–0.07 apart.
+SAME_RESPONSE_RMS = 2 * RMS_SCALE
 _PREFERENCE = {"real-pair": 0, "reference": 0, "published-mtf": 1, "equivalent": 2, "equivalent-interpolated": 3}
 
 

@@ -4,6 +4,9 @@
 water cylinder in air with rods of known attenuation. It is the built-in sample of the demo and the
 tests.
 
+:func:`edge_phantom` is a water ellipse in air with an anti-aliased outline: the ideal body edge on which an MTF is
+measured by the edge method (as the skin edge of a patient, without the skin and fat layers).
+
 :func:`chest_phantom` (and :func:`chest_phantom_volume`, the same as a :class:`~LTDiffPPLib.io.CTVolume`) is a
 procedural digital chest: a seeded, noise-free attenuation map in HU with body wall, lungs with parenchymal texture,
 branching pulmonary vessels, airways, nodules, ribs, spine, sternum, heart and great vessels (docs/PHANTOM.md). It is
@@ -47,6 +50,22 @@ def qa_phantom(
     rng = np.random.default_rng(seed)
     vol = np.repeat(img[None], nz, axis=0)
     return (vol + rng.normal(0.0, noise_hu, size=vol.shape)).astype(np.float32)
+
+
+def edge_phantom(size: int = 448, pixel_mm: float = 0.7, semi_axes_mm: tuple[float, float] | None = None,
+                 supersample: int = 8) -> np.ndarray:
+    """A (y, x) float32 HU slice: a water ellipse (0 HU) in air (−1000 HU), each pixel the exact fraction of its
+    area inside the ellipse (``supersample``² sub-pixels), as a detector sees a continuous object.
+
+    ``semi_axes_mm`` (x, y) default to 45 % × 38 % of the field of view (``size`` × ``pixel_mm`` mm): a body-sized
+    outline whose every orientation and curvature feeds :func:`LTDiffPPLib.kernels.edge_mtf`.
+    """
+    fov = size * pixel_mm
+    ax, ay = semi_axes_mm or (0.45 * fov, 0.38 * fov)
+    c = (np.arange(size * supersample) - (size * supersample - 1) / 2) * (pixel_mm / supersample)
+    inside = (c[None, :] / ax) ** 2 + (c[:, None] / ay) ** 2 <= 1.0
+    frac = inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
+    return (frac * 1000.0 - 1000.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

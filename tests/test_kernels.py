@@ -130,11 +130,37 @@ def test_image_identification_names_the_real_test1_kernels(shared_data, stem, na
     assert f"looks like {name}" in est.describe()
 
 
-def test_image_identification_is_never_confidently_wrong_on_simulated_scans():
-    """Every library kernel with a response, simulated on one unseen phantom slice: the estimate is the
-    right kernel (or one declared indistinguishable) or a refusal — never a confident wrong name. The
-    simulator's ideal skin edge is sharper than a real patient's, so some kernels are refused here
-    (docs/KERNELS.md); the two calibrated ones with distinct neighbours are named."""
+def _named_right(name: str, est) -> bool:
+    """The estimate names ``name``, a kernel it cannot tell from it, or the kernel ``name`` is declared equal to."""
+    return est.kernel is not None and (name in (est.kernel.name, *est.alternatives)
+                                       or get_kernel(name).equivalent_to == est.kernel.name)
+
+
+def test_image_identification_names_every_library_kernel_on_simulated_edge_phantom_slices():
+    """Every library kernel with a response, simulated on a water ellipse at test1's pixel size and a clinical dose:
+    the estimate is that kernel or a group that holds it (kernels whose responses lie within two measurement spreads
+    of each other, e.g. B40f/GE CHEST/Philips D, which no edge can tell apart), with confidence > 0.5."""
+    from LTDiffPPLib.kernels import identify_kernel_from_image
+    from LTDiffPPLib.phantom import edge_phantom
+    from LTDiffPPLib.simulation import ScanProtocol, simulate_slice, store_as_scanner
+
+    names = [k.name for k in kernel_library().values() if k.has_response]
+    recs = simulate_slice(edge_phantom(384, PIXEL), PIXEL, names, ScanProtocol(dose=1e5, views=720),
+                          np.random.default_rng(5))
+    for name, rec in zip(names, recs):
+        est = identify_kernel_from_image(store_as_scanner(rec), (PIXEL, PIXEL))
+        assert _named_right(name, est), (name, est.describe(), est.rms)
+        assert est.confidence > 0.5
+    # the calibrated kernels are named themselves, not a neighbour of their group
+    for name, rec in zip(names, recs):
+        if name in ("B10f", "B30f", "B50f", "B70f"):
+            assert identify_kernel_from_image(store_as_scanner(rec), (PIXEL, PIXEL)).kernel.name == name
+
+
+def test_image_identification_is_never_confidently_wrong_on_simulated_chest_slices():
+    """The same on one unseen chest phantom slice, whose skin (2 mm at +40 HU over −100 HU fat) steepens the edge:
+    every estimate is right (or in the right group) or a refusal; only B70f, whose edge overshoot the layers
+    exaggerate beyond the misfit bound, is refused (docs/kernel_identification.md)."""
     from LTDiffPPLib.kernels import identify_kernel_from_image
     from LTDiffPPLib.phantom import chest_phantom_volume
     from LTDiffPPLib.simulation import ScanProtocol, simulate_slice, store_as_scanner
@@ -142,15 +168,15 @@ def test_image_identification_is_never_confidently_wrong_on_simulated_scans():
     vol = chest_phantom_volume((1, 448, 448), (PIXEL, PIXEL, 2.0), seed=3)
     names = [k.name for k in kernel_library().values() if k.has_response]
     recs = simulate_slice(vol.hu[0], PIXEL, names, ScanProtocol(dose=2e5, views=720), np.random.default_rng(3))
-    named = {}
+    refused = []
     for name, rec in zip(names, recs):
         est = identify_kernel_from_image(store_as_scanner(rec), (PIXEL, PIXEL))
-        if est.kernel is not None:
-            assert name in (est.kernel.name, *est.alternatives) or get_kernel(name).equivalent_to == est.kernel.name, (name, est)
-            named[name] = est.kernel.name
-        else:
+        if est.kernel is None:
             assert "fits no library kernel well" in est.note
-    assert named.get("B10f") == "B10f" and named.get("B50f") == "B50f"
+            refused.append(name)
+        else:
+            assert _named_right(name, est), (name, est.describe())
+    assert set(refused) <= {"B70f"}
 
 
 def test_no_edge_no_estimate():
