@@ -494,8 +494,9 @@ class ImageKernelEstimate:
 RMS_SCALE = 0.05
 MIN_CONFIDENCE = 0.5
 MAX_RMS = 3 * RMS_SCALE
-#: Library responses closer than this (RMS of system MTF) cannot be told apart by an edge: one misfit scale, the
-#: spread of one measurement. The mid-sharp kernels (B40f, GE CHEST/STANDARD, Philips D) lie 0.03–0.07 apart.
+#: Library responses closer than this (RMS of system MTF) cannot be told apart by an edge: two misfit scales (a
+#: likelihood ratio under e² for one measurement). The mid-sharp kernels (B40f, GE CHEST/STANDARD, Philips D, and
+#: GE SOFT next to B30f) lie 0.03–0.07 apart, so an estimate names them as one group.
 SAME_RESPONSE_RMS = 2 * RMS_SCALE
 _PREFERENCE = {"real-pair": 0, "reference": 0, "published-mtf": 1, "equivalent": 2, "equivalent-interpolated": 3}
 
@@ -503,9 +504,10 @@ _PREFERENCE = {"real-pair": 0, "reference": 0, "published-mtf": 1, "equivalent":
 def identify_kernel_from_image(hu: np.ndarray, spacing_yx: tuple[float, float]) -> ImageKernelEstimate:
     """Estimate the reconstruction kernel of a CT in HU ((y, x) or (z, y, x), pixels ``spacing_yx`` mm) by
     comparing its skin-edge MTF (:func:`edge_mtf`) with every library kernel's system MTF over
-    0.05 mm⁻¹ … 0.8 × Nyquist (at most 0.8 mm⁻¹). Kernels whose responses are indistinguishable are grouped
-    (the one calibrated on real data is named); the confidence is the group's weight
-    exp(−½ (rms/RMS_SCALE)²), normalized over all groups.
+    0.05 mm⁻¹ … 0.8 × Nyquist (at most 0.8 mm⁻¹). Kernels whose responses lie within :data:`SAME_RESPONSE_RMS`
+    of the best-fitting one are its group (the best-calibrated member is named, the others are ``alternatives``);
+    the confidence is the group's weight exp(−½ (rms/RMS_SCALE)²), normalized over all groups. The system MTF is a
+    scanner's, the same at every pixel size (docs/KERNELS.md: the simulator's is not, away from 0.69 mm).
     """
     dy, dx = (float(v) for v in spacing_yx)
     if not math.isclose(dy, dx, rel_tol=0.02):
