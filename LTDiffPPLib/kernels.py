@@ -330,13 +330,21 @@ def ordered_pairs(kernels: Sequence[str]) -> list[tuple[str, str]]:
     return [(a.name, b.name) for a in ks for b in ks if not same_response(a, b)]
 
 
-def pair_gain(source: Kernel, target: Kernel, f_mm: np.ndarray, floor: float = 0.05, max_gain: float = 50.0) -> np.ndarray:
+#: The library gain's default regularization (:func:`pair_gain`): what the kernel-conditioned model was trained with.
+PAIR_GAIN_FLOOR = 0.05
+PAIR_GAIN_MAX = 50.0
+
+
+def pair_gain(source: Kernel, target: Kernel, f_mm: np.ndarray, floor: float = PAIR_GAIN_FLOOR,
+              max_gain: float | None = PAIR_GAIN_MAX) -> np.ndarray:
     """The linear kernel conversion G(f) = W_target(f) / W_source(f) (f in mm⁻¹), regularized where the
     source passes little: W_source is floored at ``floor`` × its peak (a Wiener-like guard against
-    amplifying what the source kernel removed) and G is capped at ``max_gain``."""
+    amplifying what the source kernel removed) and G is capped at ``max_gain`` (None: no cap, the floor alone
+    bounds G by max W_target / ``floor``)."""
     ws, wt = source.window(f_mm), target.window(f_mm)
     peak = float(np.max(source.window(np.linspace(0.0, 1.0, 201))))
-    return np.minimum(wt / np.maximum(ws, floor * peak), max_gain)
+    gain = wt / np.maximum(ws, floor * peak)
+    return gain if max_gain is None else np.minimum(gain, max_gain)
 
 # ------------------------------------------------------------------------------ kernel measurement
 

@@ -158,3 +158,9 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
     if meta["config"].get("kernel_prior") and ("kernel_prior" not in meta or "residual_std" not in meta["latent"]):
         raise ModelFileError(f"{path}: the model uses a kernel prior but its metadata lacks the prior's gain "
                              "or the residual latent's std")
+    reg = meta.get("kernel_prior", {}) if isinstance(meta.get("kernel_prior"), dict) else {}
+    floor, cap = reg.get("floor", 0.05), reg.get("max_gain", 50.0)
+    if not (isinstance(floor, (int, float)) and 0 < floor <= 1) or not (
+            cap is None or (isinstance(cap, (int, float)) and cap >= 1)):
+        raise ModelFileError(f"{path}: invalid kernel-prior regularization (floor {floor!r} must be in (0, 1], "
+                             f"max_gain {cap!r} null or >= 1)")

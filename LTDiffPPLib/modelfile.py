@@ -13,7 +13,8 @@ A model file is one ``.safetensors`` file. Its header's ``__metadata__`` holds
   residual latent when the kernel prior is on),
 - ``kernel_prior`` (when ``config.kernel_prior``): the fitted radial gain, ``{"frequency_step_per_mm",
   "gain", ...}`` (see :class:`LTDiffPPLib.models.KernelPrior`); a kernel-conditioned model has no gain
-  here (each pair's comes from the kernel library),
+  here (each pair's comes from the kernel library) but its regularization, ``floor`` and ``max_gain`` (null:
+  no cap) of :func:`LTDiffPPLib.kernels.pair_gain` (the library's defaults when absent),
 - ``sampling``: defaults ``{"steps", "solver", "grid"}`` (see :mod:`LTDiffPPLib.sampler`),
 - ``pixel_spacing_mm``: ``[min, max]`` in-plane spacing seen in training (a warning outside it),
 - ``training``: free-form summary (data, hardware, wall time, validation CCC), ``name``, ``description``.
@@ -120,6 +121,8 @@ def save_model(
             prior["gain"] = [round(float(g), 6) for g in net.prior.gain]
         elif not meta.get("kernels"):  # its gain is the library's, per pair: no table, but its kernels
             raise ModelFileError(f"{path}: a kernel-conditioned model's metadata must list its kernels")
+        else:  # and how that gain is regularized
+            prior.update(net.prior_regularization)
         meta["kernel_prior"] = prior
     else:
         meta.pop("kernel_prior", None)
@@ -285,6 +288,9 @@ def load_model(model: str | os.PathLike, *, device: str | torch.device = "cpu", 
             net.set_residual_std(meta["latent"]["residual_std"])
             if not cfg.kernel_conditioned:  # a conditioned model's gain is set per pair (set_pair)
                 net.prior.set_gain(meta["kernel_prior"]["gain"], meta["kernel_prior"]["frequency_step_per_mm"])
+            else:  # files without them were trained and measured with the library's defaults
+                net.prior_regularization.update({k: meta["kernel_prior"][k] for k in ("floor", "max_gain")
+                                                 if k in meta["kernel_prior"]})
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise ModelFileError(f"{path}: weights do not match the architecture in its metadata ({exc})") from None
     net.eval().to(device)

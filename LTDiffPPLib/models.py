@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import PAIR_GAIN_FLOOR, PAIR_GAIN_MAX
+
 __all__ = ["Conditioning", "KernelPrior", "ModelConfig", "LTDiffPPNet", "NestedUNet", "UNetPPAutoencoder",
            "LatentDenoiser", "PixelShuffleCodec", "VARIANTS"]
 
@@ -498,10 +500,14 @@ class LTDiffPPNet(nn.Module):
         self.prior = KernelPrior() if cfg.kernel_prior else None
         self.register_buffer("pair_code", torch.zeros(1, PAIR_CODE_SIZE), persistent=False)
         self.pair: tuple[str, str] | None = None  # (source, target) set by set_pair (kernel-conditioned)
+        #: regularization of a kernel-conditioned model's prior, :func:`LTDiffPPLib.kernels.pair_gain`'s ``floor`` and
+        #: ``max_gain`` (None: no cap); a model file's ``kernel_prior`` may set them (:mod:`LTDiffPPLib.modelfile`)
+        self.prior_regularization: dict[str, float | None] = {"floor": PAIR_GAIN_FLOOR, "max_gain": PAIR_GAIN_MAX}
 
     def set_pair(self, source: Any, target: Any) -> None:
         """Make a kernel-conditioned model convert ``source`` → ``target`` (library names or kernels):
-        installs the library gain of the pair as the prior and the pair's code for the denoiser."""
+        installs the library gain of the pair as the prior (regularized by :attr:`prior_regularization`) and the
+        pair's code for the denoiser (:func:`pair_code`, always with the default regularization it was trained on)."""
         from .kernels import get_kernel, pair_gain
 
         if not self.config.kernel_conditioned:
@@ -510,7 +516,7 @@ class LTDiffPPNet(nn.Module):
         if not (ks.has_response and kt.has_response):
             raise ValueError(f"kernels without a frequency response cannot be converted ({ks.name} → {kt.name})")
         f = np.arange(self.prior.gain.numel()) * self.prior.step
-        self.prior.set_gain(torch.from_numpy(pair_gain(ks, kt, f)).float(), self.prior.step)
+        self.prior.set_gain(torch.from_numpy(pair_gain(ks, kt, f, **self.prior_regularization)).float(), self.prior.step)
         self.pair_code = torch.from_numpy(pair_code(ks, kt))[None].to(self.latent_mean.device)
         self.pair = (ks.name, kt.name)
 

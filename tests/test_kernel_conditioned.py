@@ -128,6 +128,42 @@ def test_pair_code_and_gain_come_from_the_library():
         LTDiffPPNet(ModelConfig(kernel_prior=True)).set_pair("B30f", "B70f")
 
 
+def test_prior_regularization_is_the_model_files_and_only_moves_the_prior(conditioned_model, tmp_path):
+    """A conditioned model file records how its library gain is regularized (floor, cap); a file that does not say
+    (written before it was recorded) gets the library's defaults, which it was trained with. Uncapping changes the
+    prior only where G exceeds the cap (B10f→B70f above ~0.56 mm⁻¹), never the pair code the denoiser was trained
+    on; a regularization that makes no sense is refused on loading."""
+    from LTDiffPPLib.errors import ModelFileError
+    from LTDiffPPLib.kernels import PAIR_GAIN_FLOOR, PAIR_GAIN_MAX
+    from LTDiffPPLib.modelfile import save_model
+
+    m = load_model(conditioned_model, verify_registry=False)
+    assert m.metadata["kernel_prior"]["floor"] == PAIR_GAIN_FLOOR and m.metadata["kernel_prior"]["max_gain"] == PAIR_GAIN_MAX
+    m.net.set_pair("B10f", "B70f")
+    capped, code = m.net.prior.gain.clone(), m.net.pair_code.clone()
+    assert float(capped.max()) == pytest.approx(PAIR_GAIN_MAX)
+
+    m.net.prior_regularization["max_gain"] = None
+    uncapped_path = tmp_path / "uncapped.safetensors"
+    save_model(m.net, uncapped_path, m.metadata)
+    u = load_model(uncapped_path, verify_registry=False)
+    assert u.metadata["kernel_prior"]["max_gain"] is None and u.net.prior_regularization["max_gain"] is None
+    u.net.set_pair("B10f", "B70f")
+    f = np.arange(u.net.prior.gain.numel()) * u.net.prior.step
+    expected = pair_gain(get_kernel("B10f"), get_kernel("B70f"), f, max_gain=None)
+    assert np.allclose(u.net.prior.gain.numpy(), expected, rtol=1e-5) and float(u.net.prior.gain.max()) > 90
+    below = torch.from_numpy(f < 0.55)
+    assert torch.allclose(u.net.prior.gain[below], capped[below]) and torch.equal(u.net.pair_code, code)
+    u.net.set_pair("B30f", "B50f")  # a pair whose gain never reaches the cap: the same prior either way
+    m.net.set_pair("B30f", "B50f")
+    assert torch.allclose(u.net.prior.gain, m.net.prior.gain)
+
+    m.net.prior_regularization["floor"] = 0.0
+    with pytest.raises(ModelFileError, match="regularization"):
+        save_model(m.net, tmp_path / "bad.safetensors", m.metadata)
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_conditioned_model_needs_a_multikernel_dataset(dataset):
     with pytest.raises(ValueError, match="multi-kernel dataset"):
         Trainer(_tiny_cfg(dataset), dataset.parent / "run-x", device="cpu", log=lambda s: None)
