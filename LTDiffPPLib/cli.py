@@ -432,10 +432,9 @@ def _cmd_info(a: argparse.Namespace) -> int:
         print("sampling       none (direct translation)")
     print(f"architecture   {_architecture(arch)}")
     if arch.kernel_conditioned:
-        from .kernels import PAIR_GAIN_FLOOR, PAIR_GAIN_MAX
+        from .modelcard import prior_regularization
 
-        prior = meta["kernel_prior"]
-        floor, cap = prior.get("floor", PAIR_GAIN_FLOOR), prior.get("max_gain", PAIR_GAIN_MAX)
+        floor, cap = prior_regularization(meta).values()
         print(f"kernel prior   each pair's library gain W_target / W_source (W_source floored at {floor:g} x its peak, "
               f"{'no cap' if cap is None else f'G <= {cap:g}'}); the denoiser is conditioned on the pair")
     elif arch.kernel_prior:

@@ -158,9 +158,18 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
     if meta["config"].get("kernel_prior") and ("kernel_prior" not in meta or "residual_std" not in meta["latent"]):
         raise ModelFileError(f"{path}: the model uses a kernel prior but its metadata lacks the prior's gain "
                              "or the residual latent's std")
-    reg = meta.get("kernel_prior", {}) if isinstance(meta.get("kernel_prior"), dict) else {}
-    floor, cap = reg.get("floor", 0.05), reg.get("max_gain", 50.0)
+    reg = prior_regularization(meta)
+    floor, cap = reg["floor"], reg["max_gain"]
     if not (isinstance(floor, (int, float)) and 0 < floor <= 1) or not (
             cap is None or (isinstance(cap, (int, float)) and cap >= 1)):
         raise ModelFileError(f"{path}: invalid kernel-prior regularization (floor {floor!r} must be in (0, 1], "
                              f"max_gain {cap!r} null or >= 1)")
+
+
+def prior_regularization(meta: dict[str, Any]) -> dict[str, Any]:
+    """``{"floor", "max_gain"}`` of a kernel-conditioned model's library gain (:func:`LTDiffPPLib.kernels.pair_gain`):
+    its metadata's ``kernel_prior`` values, the library's defaults (what such files were trained with) where absent."""
+    from .kernels import PAIR_GAIN_FLOOR, PAIR_GAIN_MAX
+
+    prior = meta.get("kernel_prior") if isinstance(meta.get("kernel_prior"), dict) else {}
+    return {"floor": prior.get("floor", PAIR_GAIN_FLOOR), "max_gain": prior.get("max_gain", PAIR_GAIN_MAX)}

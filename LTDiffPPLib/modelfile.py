@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 
 from .errors import ModelFileError
 from .modelcard import (FORMAT, FORMAT_VERSION, REGISTRY_PATH, RESOURCES, RegistryEntry,  # noqa: F401 (re-exported)
-                        _check_metadata, read_metadata, registry, resolve_model, sha256_file)
+                        _check_metadata, prior_regularization, read_metadata, registry, resolve_model,
+                        sha256_file)
 from .io import atomic_output
 from .models import LTDiffPPNet, ModelConfig
 
@@ -288,9 +289,8 @@ def load_model(model: str | os.PathLike, *, device: str | torch.device = "cpu", 
             net.set_residual_std(meta["latent"]["residual_std"])
             if not cfg.kernel_conditioned:  # a conditioned model's gain is set per pair (set_pair)
                 net.prior.set_gain(meta["kernel_prior"]["gain"], meta["kernel_prior"]["frequency_step_per_mm"])
-            else:  # files without them were trained and measured with the library's defaults
-                net.prior_regularization.update({k: meta["kernel_prior"][k] for k in ("floor", "max_gain")
-                                                 if k in meta["kernel_prior"]})
+            else:
+                net.prior_regularization.update(prior_regularization(meta))
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise ModelFileError(f"{path}: weights do not match the architecture in its metadata ({exc})") from None
     net.eval().to(device)
