@@ -24,13 +24,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from kernel_pairs import held_out, test1  # noqa: E402
 
+from LTDiffPPLib.baselines import apply_kernel_ratio  # noqa: E402
 from LTDiffPPLib.datasets import load_dataset  # noqa: E402
 from LTDiffPPLib.evaluation import evaluate  # noqa: E402
 from LTDiffPPLib.inference import standardize_volume  # noqa: E402
@@ -47,17 +47,12 @@ MODELS = {"kernel-conditioned model, prior capped at 50 (as trained)": 50.0,
 
 
 def filtered(vol: CTVolume, source: str, target: str, floor: float, max_gain: float | None) -> CTVolume:
-    """Each (y, x) slice filtered by the library gain (zero-padded to twice its size, mean kept), stored as a
+    """Each slice filtered by the library gain (:func:`LTDiffPPLib.baselines.apply_kernel_ratio`), stored as a
     scanner stores HU (clipped, rounded)."""
-    ny, nx = vol.hu.shape[1:]
-    fy = np.fft.fftfreq(2 * ny, d=vol.spacing[1])[:, None]
-    fx = np.fft.rfftfreq(2 * nx, d=vol.spacing[0])[None, :]
-    g = pair_gain(get_kernel(source), get_kernel(target), np.hypot(fy, fx), floor=floor, max_gain=max_gain)
-    out = np.empty_like(vol.hu)
-    for i, s in enumerate(vol.hu):
-        m = float(s.mean())
-        out[i] = np.fft.irfft2(np.fft.rfft2(s - m, s=(2 * ny, 2 * nx)) * g, s=(2 * ny, 2 * nx))[:ny, :nx] + m
-    return vol.with_hu(store_as_scanner(out))
+    ks, kt = get_kernel(source), get_kernel(target)
+    hu = apply_kernel_ratio(vol.hu, (vol.spacing[1], vol.spacing[0]),
+                            lambda f: pair_gain(ks, kt, f, floor=floor, max_gain=max_gain))
+    return vol.with_hu(store_as_scanner(hu))
 
 
 def main() -> int:

@@ -67,23 +67,26 @@ def crossing(f: np.ndarray, m: np.ndarray, level: float) -> float:
     return float(f[i - 1] + (level - m[i - 1]) * (f[i] - f[i - 1]) / (m[i] - m[i - 1]))
 
 
-def nps(noise: np.ndarray, roi: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    c = (np.arange(N) - (N - 1) / 2) * PX
+def nps(noise: np.ndarray, roi: int = 64, px: float = PX, radius_mm: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """Radially averaged 2D NPS (HU² mm²) of a square (n, n) ``noise`` image with pixels of ``px`` mm, over
+    half-overlapping roi² tiles lying within ``radius_mm`` of the centre: (bin centres in mm⁻¹, NPS)."""
+    n = noise.shape[0]
+    c = (np.arange(n) - (n - 1) / 2) * px
     r = np.hypot(*np.meshgrid(c, c, indexing="ij"))
     acc, count = np.zeros((roi, roi)), 0
-    for y0 in range(0, N - roi + 1, roi // 2):
-        for x0 in range(0, N - roi + 1, roi // 2):
-            if r[y0 : y0 + roi, x0 : x0 + roi].max() < 60:
+    for y0 in range(0, n - roi + 1, roi // 2):
+        for x0 in range(0, n - roi + 1, roi // 2):
+            if r[y0 : y0 + roi, x0 : x0 + roi].max() < radius_mm:
                 t = noise[y0 : y0 + roi, x0 : x0 + roi]
                 acc += np.abs(np.fft.fft2(t - t.mean())) ** 2
                 count += 1
-    p2d = acc / count * PX * PX / (roi * roi)  # HU² mm²
-    f = np.fft.fftfreq(roi, d=PX)
+    p2d = acc / count * px * px / (roi * roi)  # HU² mm²
+    f = np.fft.fftfreq(roi, d=px)
     fr = np.hypot(*np.meshgrid(f, f, indexing="ij"))
-    edges = np.arange(0, 0.5 / PX + 1e-9, 1 / (roi * PX))
+    edges = np.arange(0, 0.5 / px + 1e-9, 1 / (roi * px))
     idx = np.digitize(fr.ravel(), edges) - 1
     prof = np.bincount(idx, weights=p2d.ravel(), minlength=len(edges)) / np.maximum(np.bincount(idx, minlength=len(edges)), 1)
-    centers = edges + 0.5 / (roi * PX)
+    centers = edges + 0.5 / (roi * px)
     return centers[: len(edges) - 1], prof[: len(edges) - 1]
 
 

@@ -48,6 +48,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from simulation_report import nps as simulation_nps  # noqa: E402
 
 N, PX = 512, 0.5  # reconstruction grid of both simulators: 512² pixels of 0.5 mm (256 mm field)
 XCIST_KERNELS = ("R-L", "soft", "standard", "bone")
@@ -133,22 +135,9 @@ def _radius() -> np.ndarray:
 
 
 def nps(noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Radially averaged 2D NPS (HU² mm²) of ``noise`` over ROI² tiles (half-overlapping) within NPS_RADIUS_MM."""
-    r = _radius()
-    acc, count = np.zeros((ROI, ROI)), 0
-    for y0 in range(0, N - ROI + 1, ROI // 2):
-        for x0 in range(0, N - ROI + 1, ROI // 2):
-            if r[y0 : y0 + ROI, x0 : x0 + ROI].max() < NPS_RADIUS_MM:
-                t = noise[y0 : y0 + ROI, x0 : x0 + ROI]
-                acc += np.abs(np.fft.fft2(t - t.mean())) ** 2
-                count += 1
-    p2d = acc / count * PX * PX / (ROI * ROI)
-    f = np.fft.fftfreq(ROI, d=PX)
-    fr = np.hypot(*np.meshgrid(f, f, indexing="ij"))
-    edges = np.arange(0, 0.5 / PX + 1e-9, 1 / (ROI * PX))
-    idx = np.digitize(fr.ravel(), edges) - 1
-    prof = np.bincount(idx, weights=p2d.ravel(), minlength=len(edges)) / np.maximum(np.bincount(idx, minlength=len(edges)), 1)
-    return (edges + 0.5 / (ROI * PX))[: len(edges) - 1], prof[: len(edges) - 1]
+    """Radially averaged 2D NPS (HU² mm²) of ``noise`` over ROI² tiles within NPS_RADIUS_MM
+    (``bench/simulation_report.py``'s estimator at this bench's pixel size)."""
+    return simulation_nps(noise, roi=ROI, px=PX, radius_mm=NPS_RADIUS_MM)
 
 
 def nps_mean(noises: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
