@@ -38,7 +38,6 @@ import io
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -49,7 +48,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from simulation_report import crossing  # noqa: E402
 from simulation_report import nps as simulation_nps  # noqa: E402
+
+from LTDiffPPLib.io.machine import cpu_name  # noqa: E402
 
 N, PX = 512, 0.5  # reconstruction grid of both simulators: 512² pixels of 0.5 mm (256 mm field)
 XCIST_KERNELS = ("R-L", "soft", "standard", "bone")
@@ -155,16 +157,6 @@ def sd_mean(noises: list[np.ndarray]) -> float:
 def nps_summary(f: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     """(peak frequency, mean frequency ∫f·NPS/∫NPS) of a radial NPS profile, mm⁻¹."""
     return float(f[np.argmax(p)]), float(np.sum(f * p) / np.sum(p))
-
-
-def crossing(f: np.ndarray, m: np.ndarray, level: float) -> float:
-    """First frequency where the MTF falls below ``level`` after its peak (linear interpolation); NaN if never."""
-    start = int(np.argmax(m))
-    below = np.flatnonzero(m[start:] < level)
-    if not len(below):
-        return float("nan")
-    i = start + below[0]
-    return float(f[i - 1] + (level - m[i - 1]) * (f[i] - f[i - 1]) / (m[i] - m[i - 1]))
 
 
 def measure_mtf(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -336,7 +328,7 @@ def main() -> int:
     def g(v: float | None) -> str:
         return "> Nyquist" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
-    cpu = _cpu_name()
+    cpu = cpu_name()
     elapsed = time.time() - t_start
     lines = [
         (f"Produced by `.venv-xcist/bin/python bench/xcist_check.py --out {a.out} --views {a.views} --mA {a.mA:g} --realizations {a.realizations}` "
@@ -375,16 +367,6 @@ def main() -> int:
                                                         "views": a.views, "mA": a.mA, "realizations": a.realizations, "log": log_lines}, indent=1))
     print("\n".join(lines))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
